@@ -1,0 +1,1 @@
+"""lsrt runtime: the model runner, paged KV cache, generation and speculative decoding."""

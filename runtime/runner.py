@@ -1,0 +1,128 @@
+"""ModelRunner: the target model, its paged KV pool and the attention backend.
+
+Three operations on a `KVSequence` (whose committed KV covers its first `num_tokens` tokens):
+
+    prefill(seq, tokens)      compute and commit KV for `tokens` in chunks (causal)
+    verify(seq, tree) -> logits of every tree node; KV written to scratch slots, not committed
+    commit(seq, path)         keep the KV of the accepted root-to-node path, in place
+
+Rejected tree nodes leave no trace: their slots lie past `num_tokens` and are overwritten.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lsrt.runtime.attention import AttentionBackend, AttentionMeta, make_backend
+from lsrt.runtime.config import ModelConfig
+from lsrt.runtime.errors import ContextTooLong
+from lsrt.runtime.kv_cache import KVPoolConfig, KVSequence, PagedKVPool
+from lsrt.runtime.model import DecoderModel
+from lsrt.runtime.spec.tree import DraftTree
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerConfig:
+    device: str = "cpu"
+    dtype: str = "float32"
+    kv_budget_mb: int = 2048
+    block_size: int = 16
+    attention: str = "sdpa"  # sdpa | hybrid | triton
+    prefill_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_budget_mb <= 0 or self.block_size <= 0 or self.prefill_chunk <= 0:
+            raise ValueError("kv_budget_mb, block_size and prefill_chunk must be positive")
+        if self.attention not in ("sdpa", "hybrid", "triton"):
+            raise ValueError(f"attention must be sdpa, hybrid or triton, got {self.attention!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderModel, config: RunnerConfig) -> None:
+        self.model = model
+        self.cfg: ModelConfig = model.cfg
+        self.config = config
+        self.pool = PagedKVPool(KVPoolConfig.from_budget(
+            budget_bytes=config.kv_budget_mb << 20, num_layers=self.cfg.num_layers,
+            num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
+            block_size=config.block_size, dtype=model.dtype, device=config.device))
+        self.backend: AttentionBackend = make_backend(config.attention)
+        self.scale = self.cfg.head_dim ** -0.5
+
+    def new_sequence(self) -> KVSequence:
+        return KVSequence(self.pool)
+
+    def check_context(self, total: int) -> None:
+        if total > self.cfg.context_limit:
+            raise ContextTooLong(total, self.cfg.context_limit)
+
+    def _meta(self, seq: KVSequence, n: int, new_mask: torch.Tensor | None) -> AttentionMeta:
+        start = seq.num_tokens
+        self.check_context(start + n)
+        seq.reserve(start + n)
+        seq.make_writable(start)
+        span = seq.contiguous_span(start + n)
+        return AttentionMeta(
+            write_slots=seq.slots(start, start + n), prefix_len=start,
+            prefix_slots=None if span else seq.slots(0, start), kv_span=span,
+            new_mask=new_mask, scale=self.scale)
+
+    @torch.inference_mode()
+    def _forward(self, tokens: list[int], positions: torch.Tensor, meta: AttentionMeta,
+                 logit_rows: slice | torch.Tensor | None) -> torch.Tensor | None:
+        dev = self.config.device
+        ids = torch.tensor(tokens, dtype=torch.long, device=dev)
+        hidden = self.model(ids, positions.to(dev), self.pool.k, self.pool.v, meta, self.backend)
+        return None if logit_rows is None else self.model.logits(hidden[logit_rows])
+
+    def prefill(self, seq: KVSequence, tokens: list[int], *, want_logits: bool = False,
+                progress: "callable | None" = None) -> torch.Tensor | None:
+        """Compute and commit KV for `tokens`; optionally the last token's logits `[vocab]`."""
+        self.check_context(seq.num_tokens + len(tokens))
+        logits = None
+        chunk = self.config.prefill_chunk
+        for i in range(0, len(tokens), chunk):
+            part = tokens[i:i + chunk]
+            n = len(part)
+            mask = None if n == 1 else torch.ones(
+                (n, n), dtype=torch.bool, device=self.config.device).tril_()
+            meta = self._meta(seq, n, mask)
+            positions = torch.arange(seq.num_tokens, seq.num_tokens + n)
+            last = want_logits and i + chunk >= len(tokens)
+            out = self._forward(part, positions, meta, slice(n - 1, n) if last else None)
+            seq.num_tokens += n
+            if out is not None:
+                logits = out[0]
+            if progress is not None:
+                progress(min(i + chunk, len(tokens)), len(tokens))
+        return logits
+
+    def verify(self, seq: KVSequence, tree: DraftTree) -> torch.Tensor:
+        """Target logits `[n, vocab]` at every node of `tree` (node 0 = the pending root)."""
+        n = len(tree)
+        mask = None if n == 1 else tree.ancestor_mask(self.config.device)
+        meta = self._meta(seq, n, mask)
+        positions = seq.num_tokens + torch.tensor(tree.depth, dtype=torch.long)
+        return self._forward(tree.tokens, positions, meta, slice(None))
+
+    def commit(self, seq: KVSequence, path: list[int]) -> None:
+        """Keep the KV of tree nodes `path` (root first, increasing) as the next positions."""
+        start = seq.num_tokens
+        moved = [(start + node, start + i) for i, node in enumerate(path) if node != i]
+        if moved:
+            src = seq.slots(0, seq.capacity)[[s for s, _ in moved]]
+            dst = seq.slots(0, seq.capacity)[[d for _, d in moved]]
+            # Sources lie at or after destinations and both increase: in-order copy is safe.
+            self.pool.k[:, :, dst] = self.pool.k[:, :, src]
+            self.pool.v[:, :, dst] = self.pool.v[:, :, src]
+        seq.num_tokens += len(path)

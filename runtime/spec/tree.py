@@ -1,0 +1,111 @@
+"""Draft token trees.
+
+A tree is stored in topological order: node 0 is the *root*, the last emitted token whose KV is
+not yet in the cache; every other node's parent comes before it. A chain is a tree whose parents
+are 0, 1, 2, ... Node i sits at position `prefix_len + depth[i]`.
+
+`draft_probs[i]`, when present, is the draft distribution that node i was *sampled* from (the
+distribution at its parent, `[vocab]`); `None` means node i was chosen deterministically (suffix
+match, greedy or top-k expansion), which the sampling verifier treats as a one-hot draft.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int]  # [n] token id of each node; tokens[0] is the root
+    parents: list[int]  # [n] parent index; parents[0] == -1
+    draft_probs: list[torch.Tensor | None] = field(default_factory=list)  # [n] of [vocab] | None
+    source: str = ""  # which drafter proposed it (for stats)
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents) or not self.tokens or self.parents[0] != -1:
+            raise ValueError("a DraftTree needs a root (parent -1) and one parent per token")
+        for i, p in enumerate(self.parents[1:], start=1):
+            if not 0 <= p < i:
+                raise ValueError(f"node {i} has parent {p}: parents must precede children")
+        if not self.draft_probs:
+            self.draft_probs = [None] * len(self.tokens)
+        self._depth: list[int] | None = None
+        self._children: list[list[int]] | None = None
+
+    @classmethod
+    def chain(cls, root: int, drafts: list[int], source: str = "") -> "DraftTree":
+        return cls(tokens=[root, *drafts], parents=list(range(-1, len(drafts))), source=source)
+
+    @classmethod
+    def from_paths(cls, root: int, paths: list[list[int]], source: str = "") -> "DraftTree":
+        """Merge token paths (continuations of the root) into a trie, first path first."""
+        tokens, parents = [root], [-1]
+        index: dict[tuple[int, int], int] = {}
+        for path in paths:
+            node = 0
+            for tok in path:
+                key = (node, tok)
+                if key not in index:
+                    index[key] = len(tokens)
+                    tokens.append(tok)
+                    parents.append(node)
+                node = index[key]
+        return cls(tokens=tokens, parents=parents, source=source)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def depth(self) -> list[int]:
+        if self._depth is None:
+            d = [0] * len(self.tokens)
+            for i in range(1, len(self.tokens)):
+                d[i] = d[self.parents[i]] + 1
+            self._depth = d
+        return self._depth
+
+    @property
+    def children(self) -> list[list[int]]:
+        if self._children is None:
+            ch: list[list[int]] = [[] for _ in self.tokens]
+            for i in range(1, len(self.tokens)):
+                ch[self.parents[i]].append(i)
+            self._children = ch
+        return self._children
+
+    def ancestor_mask(self, device: str | torch.device = "cpu") -> torch.Tensor:
+        """`[n, n]` bool: mask[i, j] is True when node j is node i or one of its ancestors."""
+        n = len(self.tokens)
+        mask = torch.zeros((n, n), dtype=torch.bool)
+        for i in range(n):
+            mask[i, i] = True
+            if i:
+                mask[i] |= mask[self.parents[i]]
+        return mask.to(device)
+
+    def path_to(self, node: int) -> list[int]:
+        """Node indices from the root to `node`, inclusive."""
+        path = []
+        while node != -1:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def pruned(self, max_depth: int) -> "DraftTree":
+        """Only the nodes at depth <= `max_depth` (the root is depth 0)."""
+        keep = [i for i, d in enumerate(self.depth) if d <= max_depth]
+        if len(keep) == len(self.tokens):
+            return self
+        new_index = {old: new for new, old in enumerate(keep)}
+        return DraftTree(tokens=[self.tokens[i] for i in keep],
+                         parents=[new_index.get(self.parents[i], -1) for i in keep],
+                         draft_probs=[self.draft_probs[i] for i in keep], source=self.source)
+
+    def truncated(self, max_nodes: int) -> "DraftTree":
+        """The first `max_nodes` nodes (still a valid tree: parents precede children)."""
+        if len(self.tokens) <= max_nodes:
+            return self
+        return DraftTree(tokens=self.tokens[:max_nodes], parents=self.parents[:max_nodes],
+                         draft_probs=self.draft_probs[:max_nodes], source=self.source)

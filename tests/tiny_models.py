@@ -1,0 +1,46 @@
+"""Tiny random-weight models with real architectures, saved as HF directories (no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
+
+
+def tiny_config(family: str, vocab: int = 97):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  rms_norm_eps=1e-5, eos_token_id=vocab - 1, bos_token_id=0)
+    if family == "llama":
+        return LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=True)
+    if family == "llama3":
+        return LlamaConfig(**common, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 1024})
+    if family == "qwen2":
+        return Qwen2Config(**common, rope_theta=1e6)
+    if family == "qwen3":
+        return Qwen3Config(**{**common, "num_attention_heads": 6, "num_key_value_heads": 2},
+                           head_dim=32, rope_theta=1e6)
+    if family == "mistral":
+        return MistralConfig(**common, sliding_window=None, head_dim=16)
+    raise ValueError(family)
+
+
+def make_tiny_model(family: str, out_dir: Path, seed: int = 0):
+    """Save a random-weight HF model to `out_dir`; return the transformers model (float32)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), torch_dtype=torch.float32)
+    with torch.no_grad():  # widen the default tiny init so logits are not near-uniform
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.eval()
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return model
