@@ -18,4 +18,4 @@ for folder in FOLDERS:
         packages.append(f"lsrt.{folder}.{sub}")
         package_dir[f"lsrt.{folder}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
-setup(packages=packages, package_dir=package_dir, package_data={"lsrt.proto": ["*.proto"]})
+setup(packages=packages, package_dir=package_dir, package_data={"lsrt.proto": ["*.proto", "*.pyi"]})
