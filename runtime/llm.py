@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from lsrt.runtime.errors import InvalidRequest
-from lsrt.runtime.model import load_model, read_generation_eos
+from lsrt.runtime.model import DecoderModel, load_model, read_generation_eos
 from lsrt.runtime.runner import ModelRunner, RunnerConfig
 from lsrt.runtime.sampling import SamplingParams
 from lsrt.runtime.spec.drafters import make_drafter
@@ -54,6 +54,7 @@ class LLM:
         self.eos_ids = tuple(sorted(eos))
         self.runner = ModelRunner(model, self.config)
         self.engine = Engine(self.runner, self.tokenizer, self.eos_ids)
+        self._draft_models: dict[str, DecoderModel] = {}
 
     @classmethod
     def load(cls, model: str, config: RunnerConfig | None = None, *,
@@ -62,6 +63,16 @@ class LLM:
         from lsrt.runtime.models import resolve_model
 
         return cls(resolve_model(model, progress=progress), config, name=model)
+
+    def draft_model(self, name: str) -> DecoderModel:
+        """A draft model's weights (same device and dtype), loaded once per LLM."""
+        if name not in self._draft_models:
+            from lsrt.runtime.models import resolve_model
+
+            self._draft_models[name] = load_model(
+                resolve_model(name, progress=False), dtype=self.config.torch_dtype,
+                device=self.config.device)
+        return self._draft_models[name]
 
     @property
     def context_limit(self) -> int:

@@ -31,6 +31,15 @@ def tiny_config(family: str, vocab: int = 97):
     raise ValueError(family)
 
 
+def copy_tokenizer(src_dir: Path, out_dir: Path) -> None:
+    """Give a tiny model a real tokenizer (ids below the tiny vocab decode fine)."""
+    import shutil
+
+    for f in Path(src_dir).iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, Path(out_dir) / f.name)
+
+
 def make_tiny_model(family: str, out_dir: Path, seed: int = 0):
     """Save a random-weight HF model to `out_dir`; return the transformers model (float32)."""
     from transformers import AutoModelForCausalLM

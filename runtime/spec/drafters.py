@@ -1,11 +1,16 @@
 """Drafter specs (`--draft`) -> drafter objects.
 
-    none            plain decoding
-    suffix          model-free suffix matching over the sequence's own history
+    none              plain decoding
+    suffix            model-free suffix matching over the sequence's own history
+    self              the target over a sink+window view of its own KV (MagicDec-style)
+    model:NAME        a smaller model with the same tokenizer and a constant-size cache
+    auto              suffix when it matches, else `self` (or model:NAME given as auto:NAME),
+                      else plain decoding — chosen by measured throughput
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lsrt.runtime.errors import InvalidRequest
@@ -14,16 +19,54 @@ from lsrt.runtime.spec.drafter import Drafter
 if TYPE_CHECKING:
     from lsrt.runtime.llm import LLM
 
-DRAFT_KINDS = ("none", "suffix")
+DRAFT_KINDS = ("none", "suffix", "self", "model:NAME", "auto", "auto:NAME")
 
 
-def make_drafter(spec: str, llm: "LLM") -> Drafter | None:
+@dataclass(frozen=True, kw_only=True)
+class DraftOptions:
+    sink: int = 4
+    window: int = 1020
+    depth: int = 4
+
+    def __post_init__(self) -> None:
+        if self.sink < 0 or self.window < 1 or self.depth < 1:
+            raise InvalidRequest("draft sink must be >= 0, window >= 1, depth >= 1")
+
+
+def make_drafter(spec: str, llm: "LLM", options: DraftOptions | None = None) -> Drafter | None:
     """Build a fresh drafter for one sequence; `None` for plain decoding."""
+    opts = options or DraftOptions()
     kind, _, arg = spec.partition(":")
-    if kind == "none":
+    if kind == "none" and not arg:
         return None
-    if kind == "suffix":
+    if kind == "suffix" and not arg:
         from lsrt.runtime.spec.suffix import SuffixDrafter
 
         return SuffixDrafter()
+    if kind == "self" and not arg:
+        from lsrt.runtime.spec.self_draft import SelfDrafter
+
+        return SelfDrafter(llm.runner, sink=opts.sink, window=opts.window, depth=opts.depth)
+    if kind == "model" and arg:
+        return _model_drafter(arg, llm, opts)
+    if kind == "auto":
+        from lsrt.runtime.spec.auto import AutoDrafter
+        from lsrt.runtime.spec.self_draft import SelfDrafter
+        from lsrt.runtime.spec.suffix import SuffixDrafter
+
+        model = (_model_drafter(arg, llm, opts) if arg else
+                 SelfDrafter(llm.runner, sink=opts.sink, window=opts.window, depth=opts.depth))
+        return AutoDrafter(SuffixDrafter(), model)
     raise InvalidRequest(f"unknown drafter {spec!r}; expected one of {', '.join(DRAFT_KINDS)}")
+
+
+def _model_drafter(name: str, llm: "LLM", opts: DraftOptions) -> Drafter:
+    from lsrt.runtime.spec.model_draft import ModelDrafter
+
+    model = llm.draft_model(name)
+    if model.cfg.vocab_size > llm.runner.cfg.vocab_size + 1024 or \
+            model.cfg.vocab_size < llm.runner.cfg.vocab_size - 1024:
+        raise InvalidRequest(f"draft model {name} has another vocabulary "
+                             f"({model.cfg.vocab_size} vs {llm.runner.cfg.vocab_size})")
+    return ModelDrafter(model, name=name, sink=opts.sink, window=max(opts.window, 64),
+                        depth=opts.depth)
