@@ -30,6 +30,8 @@ class AttentionMeta:
     kv_span: tuple[int, int] | None  # (start, end): prefix then new tokens in consecutive slots
     new_mask: torch.Tensor | None  # [n, n] bool, True = may attend; None = all-visible
     scale: float
+    block_table: torch.Tensor | None = None  # [blocks] when the prefix is a sequence's [0, L)
+    block_size: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -98,7 +100,11 @@ class SdpaAttention:
 
 
 class KernelAttention:
-    """Hybrid tree attention through `lsrt.kernels` (torch reference or Triton)."""
+    """Hybrid tree attention through `lsrt.kernels` (torch reference or Triton).
+
+    A sequence's own prefix goes through the paged kernel by block table; a drafter's
+    sink+window view (arbitrary slots) goes through the reference on the gathered keys.
+    """
 
     def __init__(self, kind: str) -> None:
         from lsrt.kernels import get_attention_backend
@@ -112,9 +118,17 @@ class KernelAttention:
         mask = meta.new_mask
         if mask is None:
             mask = torch.ones((n, n), dtype=torch.bool, device=q.device)
-        prefix = meta.prefix_slot_tensor()
-        out, _lse = self._ops.hybrid_attention_slots(
-            q, k_layer, v_layer, prefix, k_new, v_new, mask, meta.scale)
+        if meta.block_table is not None:
+            out, _lse = self._ops.paged_hybrid_attention(
+                q, k_layer, v_layer, meta.block_table, meta.prefix_len, k_new, v_new, mask,
+                meta.scale, meta.block_size)
+            return out
+        from lsrt.kernels.attention.reference import hybrid_attention
+
+        slots = meta.prefix_slot_tensor()
+        out, _lse = hybrid_attention(q, k_layer.index_select(1, slots),
+                                     v_layer.index_select(1, slots), k_new, v_new, mask,
+                                     meta.scale)
         return out
 
 

@@ -141,6 +141,7 @@ class KVSequence:
         self.blocks: list[int] = list(blocks or [])
         self.num_tokens = num_tokens
         self._slot_cache: torch.Tensor | None = None
+        self._table_cache: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -152,7 +153,7 @@ class KVSequence:
         need = -(-total_tokens // bs) - len(self.blocks)
         if need > 0:
             self.blocks.extend(self.pool.allocate(need))
-            self._slot_cache = None
+            self._slot_cache = self._table_cache = None
 
     def _all_slots(self) -> torch.Tensor:
         if self._slot_cache is None:
@@ -167,6 +168,13 @@ class KVSequence:
         if end > self.capacity:
             raise InvalidRequest(f"positions up to {end} exceed reserved capacity {self.capacity}")
         return self._all_slots()[start:end]
+
+    def block_table_tensor(self) -> torch.Tensor:
+        """`[num_blocks]` int32 block ids on the pool's device (for paged kernels)."""
+        if self._table_cache is None:
+            self._table_cache = torch.tensor(self.blocks, dtype=torch.int32,
+                                             device=self.pool.config.device)
+        return self._table_cache
 
     def contiguous_span(self, end: int) -> tuple[int, int] | None:
         """(first_slot, end_slot) when positions [0, end) lie in consecutive slots, else None."""
@@ -189,7 +197,7 @@ class KVSequence:
                 self.pool.copy_block(b, new)
                 self.pool.free([b])
                 self.blocks[i] = new
-                self._slot_cache = None
+                self._slot_cache = self._table_cache = None
 
     def fork(self, num_tokens: int | None = None) -> "KVSequence":
         """A sequence sharing this one's blocks for its first `num_tokens` committed tokens."""
@@ -209,7 +217,7 @@ class KVSequence:
         if keep < len(self.blocks):
             self.pool.free(self.blocks[keep:])
             del self.blocks[keep:]
-            self._slot_cache = None
+            self._slot_cache = self._table_cache = None
 
     def release(self) -> None:
         """Free every block; the sequence becomes empty."""
@@ -217,4 +225,4 @@ class KVSequence:
             self.pool.free(self.blocks)
         self.blocks = []
         self.num_tokens = 0
-        self._slot_cache = None
+        self._slot_cache = self._table_cache = None

@@ -75,7 +75,8 @@ class ModelRunner:
         return AttentionMeta(
             write_slots=seq.slots(start, start + n), prefix_len=start,
             prefix_slots=None if span else seq.slots(0, start), kv_span=span,
-            new_mask=new_mask, scale=self.scale)
+            new_mask=new_mask, scale=self.scale, block_table=seq.block_table_tensor(),
+            block_size=seq.pool.block_size)
 
     @torch.inference_mode()
     def _forward(self, tokens: list[int], positions: torch.Tensor, meta: AttentionMeta,

@@ -1,0 +1,301 @@
+"""Triton paged hybrid (tree) attention, flash-decoding style.
+
+Grid of the partial kernel: (KV head, split, row tile). Splits 0..S-1 each cover a contiguous run
+of prefix positions read through the block table; the last split covers the n new keys (a draft
+tree or a prefill chunk) under their mask. Every program packs the rows of all n queries x all
+`group` query heads of its KV head into the M dimension of `tl.dot`, so each K/V tile is loaded
+once per KV head (per row tile) instead of once per query head and query. Each split writes a
+normalised partial output and its log2-sum-exp; the reduce kernel merges the splits.
+
+Row r of a KV head's M dimension is query r // group, query head kv_head * group + r % group.
+Scores are kept in log2 units (scale * log2(e) folded into one multiplier, exp2 throughout).
+This module imports Triton: import it only where `lsrt.kernels.triton_available()` is true.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from lsrt.runtime.errors import InvalidRequest
+
+_LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True, kw_only=True)
+class TreeAttentionConfig:
+    """Launch parameters; None means chosen from the shapes (see `_plan`)."""
+
+    block_m: int | None = None   # rows (queries x group) per program; power of two >= 16
+    block_n: int = 64            # keys per tile; power of two >= 16
+    split_len: int | None = None  # prefix keys per program; multiple of block_n
+    waves: int = 2               # aim for waves x SM-count programs when splitting the prefix
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n"):
+            val = getattr(self, name)
+            if val is not None and (val < 16 or val & (val - 1)):
+                raise ValueError(f"TreeAttentionConfig.{name} must be a power of two >= 16")
+        if self.split_len is not None and (self.split_len <= 0 or self.split_len % self.block_n):
+            raise ValueError("TreeAttentionConfig.split_len must be a positive multiple of block_n")
+        if self.waves <= 0 or self.num_stages <= 0:
+            raise ValueError("TreeAttentionConfig.waves and num_stages must be positive")
+
+
+@triton.jit
+def _online_update(s, v, m_i, l_i, acc, IS_FP32: tl.constexpr):
+    """One online-softmax step over a [BLOCK_M, BLOCK_N] tile of log2-scaled scores."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IS_FP32:
+        pv = tl.dot(p, v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _qk(q, k, IS_FP32: tl.constexpr):
+    if IS_FP32:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _tree_partial_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, kn_ptr, vn_ptr, mask_ptr, po_ptr, pl_ptr,
+    prefix_len, n_q, n_new, q_offset, split_len, num_prefix_splits, qk_scale,
+    stride_qn, stride_qh, stride_kch, stride_kcs, stride_vch, stride_vcs,
+    stride_knn, stride_knh, stride_vnn, stride_vnh, stride_mask,
+    stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAGE: tl.constexpr, CAUSAL: tl.constexpr, IS_FP32: tl.constexpr,
+):
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    row_ok = qi < n_q
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + qi[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if split < num_prefix_splits:
+        start = split * split_len
+        end = tl.minimum(start + split_len, prefix_len)
+        kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
+        vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
+        for n0 in range(start, end, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            ok = pos < end
+            blk = tl.load(bt_ptr + pos // PAGE, mask=ok, other=0).to(tl.int64)
+            slot = blk * PAGE + pos % PAGE
+            k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :], mask=ok[:, None],
+                        other=0.0)
+            v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :], mask=ok[:, None],
+                        other=0.0)
+            s = _qk(q, k, IS_FP32) * qk_scale
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
+    else:
+        hi = n_new
+        if CAUSAL:
+            last_q = (tl.program_id(2) * BLOCK_M + BLOCK_M - 1) // GROUP
+            hi = tl.minimum(n_new, q_offset + last_q + 1)
+        for n0 in range(0, hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            ok = cols < n_new
+            k = tl.load(kn_ptr + cols[:, None] * stride_knn + kvh * stride_knh + d[None, :],
+                        mask=ok[:, None], other=0.0)
+            v = tl.load(vn_ptr + cols[:, None] * stride_vnn + kvh * stride_vnh + d[None, :],
+                        mask=ok[:, None], other=0.0)
+            s = _qk(q, k, IS_FP32) * qk_scale
+            if CAUSAL:
+                allowed = cols[None, :] <= (qi + q_offset)[:, None]
+            else:
+                allowed = tl.load(mask_ptr + qi[:, None] * stride_mask + cols[None, :],
+                                  mask=row_ok[:, None] & ok[None, :], other=0) != 0
+            s = tl.where(allowed & ok[None, :], s, float("-inf"))
+            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+    po = po_ptr + split * stride_po_s + kvh * stride_po_h
+    tl.store(po + rows[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None],
+             mask=row_ok[:, None])
+    tl.store(pl_ptr + split * stride_pl_s + kvh * stride_pl_h + rows, lse2, mask=row_ok)
+
+
+@triton.jit
+def _tree_reduce_kernel(
+    po_ptr, pl_ptr, out_ptr, lse_ptr, num_splits,
+    stride_po_s, stride_po_h, stride_pl_s, stride_pl_h, stride_on, stride_oh, stride_ln,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (row, KV head): merge the splits' (out, lse2), BLOCK_S splits at a time.
+
+    A program per row (not per row tile) keeps this latency-bound loop short and the grid wide.
+    """
+    row = tl.program_id(0)
+    kvh = tl.program_id(1)
+    qi = row // GROUP
+    head = kvh * GROUP + row % GROUP
+    d = tl.arange(0, HEAD_DIM)
+    m = tl.full([1], float("-inf"), tl.float32)
+    l = tl.zeros([1], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        ok = sp < num_splits
+        lse_s = tl.load(pl_ptr + sp * stride_pl_s + kvh * stride_pl_h + row, mask=ok,
+                        other=float("-inf"))
+        o_s = tl.load(po_ptr + sp[:, None] * stride_po_s + kvh * stride_po_h + row * HEAD_DIM
+                      + d[None, :], mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(lse_s, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m - m_safe)
+        w = tl.math.exp2(lse_s - m_safe)  # [BLOCK_S]
+        acc = acc * alpha + tl.sum(o_s * w[:, None], axis=0)
+        l = l * alpha + tl.sum(w, axis=0)
+        m = m_new
+    l_safe = tl.where(l > 0, l, 1.0)
+    out = acc / l_safe
+    lse = tl.where(l > 0, (m + tl.math.log2(l_safe)) / 1.4426950408889634, float("-inf"))
+    tl.store(out_ptr + qi * stride_on + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(lse_ptr + qi * stride_ln + head + tl.arange(0, 1), lse)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """Multiprocessors to fill (cached: the property query costs microseconds per call)."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 1  # the interpreter runs programs one by one: fewer is faster
+
+
+def _plan(cfg: TreeAttentionConfig, n_q: int, group: int, hkv: int, prefix_len: int,
+          device: torch.device) -> tuple[int, int, int, int, int]:
+    """(block_m, row_tiles, split_len, num_prefix_splits, num_warps) for these shapes."""
+    rows = n_q * group
+    block_m = cfg.block_m or min(128, max(16, triton.next_power_of_2(rows)))
+    row_tiles = triton.cdiv(rows, block_m)
+    split_len = cfg.split_len
+    if split_len is None:
+        want = max(1, cfg.waves * _num_sms(device) // (hkv * row_tiles))
+        split_len = max(4 * cfg.block_n, triton.cdiv(prefix_len, want))
+        split_len = triton.cdiv(split_len, cfg.block_n) * cfg.block_n
+    num_splits = triton.cdiv(prefix_len, split_len) if prefix_len > 0 else 0
+    num_warps = cfg.num_warps or 4  # 4 beat 8 at block_m 128 on an H100 (bench --sweep)
+    return block_m, row_tiles, split_len, num_splits, num_warps
+
+
+def _check(q: torch.Tensor, k_cache_layer: torch.Tensor, v_cache_layer: torch.Tensor,
+           block_table: torch.Tensor, prefix_len: int, k_new: torch.Tensor,
+           v_new: torch.Tensor, block_size: int) -> None:
+    n, hq, d = q.shape
+    hkv = k_cache_layer.shape[0]
+    if d not in (16, 32, 64, 128, 256):
+        raise InvalidRequest(f"head_dim must be a power of two in [16, 256], got {d}")
+    if hq % hkv:
+        raise InvalidRequest(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    if k_cache_layer.shape[2] != d or v_cache_layer.shape != k_cache_layer.shape:
+        raise InvalidRequest("K/V cache layers must both be [Hkv, num_slots, head_dim]")
+    if k_new.shape[1:] != (hkv, d) or v_new.shape != k_new.shape:
+        raise InvalidRequest(f"new K/V must be [*, {hkv}, {d}]")
+    if prefix_len < 0 or block_table.numel() * block_size < prefix_len:
+        raise InvalidRequest(f"block table of {block_table.numel()} blocks cannot hold "
+                             f"{prefix_len} tokens")
+    for t in (q, k_cache_layer, v_cache_layer, k_new, v_new):
+        if t.stride(-1) != 1:
+            raise InvalidRequest("attention inputs need a contiguous last (head_dim) dimension")
+
+
+def launch_hybrid(
+    q: torch.Tensor,              # [n, Hq, D]
+    k_cache_layer: torch.Tensor,  # [Hkv, num_slots, D]
+    v_cache_layer: torch.Tensor,  # [Hkv, num_slots, D]
+    block_table: torch.Tensor,    # [num_blocks] int32/int64
+    prefix_len: int,
+    k_new: torch.Tensor,          # [n_new, Hkv, D]
+    v_new: torch.Tensor,          # [n_new, Hkv, D]
+    mask: torch.Tensor | None,    # [n, n_new] bool, or None for causal
+    scale: float,
+    block_size: int,
+    q_offset: int = 0,
+    config: TreeAttentionConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both kernels. mask None means causal: query i sees new key j iff j <= q_offset + i."""
+    cfg = config or TreeAttentionConfig()
+    _check(q, k_cache_layer, v_cache_layer, block_table, prefix_len, k_new, v_new, block_size)
+    n, hq, d = q.shape
+    hkv = k_cache_layer.shape[0]
+    group = hq // hkv
+    block_m, row_tiles, split_len, num_prefix, warps = _plan(cfg, n, group, hkv, prefix_len,
+                                                             q.device)
+    rows = n * group
+    part_out = torch.empty(num_prefix + 1, hkv, rows, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_prefix + 1, hkv, rows, dtype=torch.float32, device=q.device)
+    if mask is not None:
+        if mask.shape != (n, k_new.shape[0]) or mask.dtype != torch.bool:
+            raise InvalidRequest(f"mask must be bool [{n}, {k_new.shape[0]}]")
+        mask_u8 = mask.contiguous().view(torch.uint8)
+    else:
+        mask_u8 = part_lse  # never read when CAUSAL
+    is_fp32 = q.dtype == torch.float32
+    _tree_partial_kernel[(hkv, num_prefix + 1, row_tiles)](
+        q, k_cache_layer, v_cache_layer, block_table, k_new, v_new, mask_u8, part_out, part_lse,
+        prefix_len, n, k_new.shape[0], q_offset, split_len, num_prefix, scale * _LOG2E,
+        q.stride(0), q.stride(1), k_cache_layer.stride(0), k_cache_layer.stride(1),
+        v_cache_layer.stride(0), v_cache_layer.stride(1), k_new.stride(0), k_new.stride(1),
+        v_new.stride(0), v_new.stride(1), mask_u8.stride(0),
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
+        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PAGE=block_size,
+        CAUSAL=mask is None, IS_FP32=is_fp32, num_warps=warps, num_stages=cfg.num_stages,
+    )
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)
+    _tree_reduce_kernel[(rows, hkv)](
+        part_out, part_lse, out, lse, num_prefix + 1,
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        GROUP=group, HEAD_DIM=d, BLOCK_S=min(32, triton.next_power_of_2(num_prefix + 1)),
+        num_warps=4,
+    )
+    return out, lse
+
+
+def paged_hybrid_attention(
+    q: torch.Tensor,              # [n, Hq, D]
+    k_cache_layer: torch.Tensor,  # [Hkv, num_slots, D]
+    v_cache_layer: torch.Tensor,  # [Hkv, num_slots, D]
+    block_table: torch.Tensor,    # [num_blocks] int32/int64
+    prefix_len: int,
+    k_new: torch.Tensor,          # [n, Hkv, D]
+    v_new: torch.Tensor,          # [n, Hkv, D]
+    mask: torch.Tensor,           # [n, n] bool, True = may attend
+    scale: float,
+    block_size: int,
+    config: TreeAttentionConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `reference.paged_hybrid_attention`: (out [n, Hq, D], lse [n, Hq] f32)."""
+    if k_new.shape[0] != q.shape[0]:
+        raise InvalidRequest(f"{q.shape[0]} queries but {k_new.shape[0]} new keys")
+    return launch_hybrid(q, k_cache_layer, v_cache_layer, block_table, prefix_len, k_new, v_new,
+                         mask, scale, block_size, config=config)

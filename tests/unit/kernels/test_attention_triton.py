@@ -1,0 +1,93 @@
+"""Triton hybrid tree / prefill attention against the torch reference.
+
+On the CPU this runs through TRITON_INTERPRET=1 (set in conftest.py): shapes stay small because
+the interpreter is slow. The `gpu` tests use real long contexts in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsrt.kernels import get_attention_backend, triton_available
+from lsrt.kernels.attention import reference as ref
+from lsrt.kernels.attention.testing import causal_mask, paged_case, tree_mask
+
+pytestmark = [pytest.mark.kernels,
+              pytest.mark.skipif(not triton_available(), reason="Triton cannot run here")]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (n, hkv, group, head_dim, prefix_len, block_size, block_n, split_len)
+CASES = [
+    (1, 1, 1, 64, 0, 16, 16, None),       # no prefix, single query
+    (5, 2, 3, 64, 37, 16, 16, 32),        # odd prefix over two splits, GQA 3
+    (16, 1, 4, 64, 300, 8, 32, 64),       # five splits, small pages
+    (33, 2, 1, 128, 17, 16, 16, None),    # head_dim 128, n > 32
+    (3, 1, 8, 64, 45, 4, 16, 16),         # GQA 8, many tiny splits
+    (128, 1, 1, 64, 20, 16, 64, None),    # the largest tree
+]
+
+
+def _relerr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("case_args", CASES, ids=lambda c: "n{}-h{}x{}-d{}-L{}-bs{}".format(*c))
+def test_tree_kernel_matches_reference_fp32(case_args: tuple) -> None:
+    from lsrt.kernels.attention.triton_tree import TreeAttentionConfig, paged_hybrid_attention
+
+    n, hkv, group, d, length, bs, block_n, split_len = case_args
+    gen = torch.Generator().manual_seed(n * 131 + length)
+    case = paged_case(n=n, hkv=hkv, group=group, d=d, prefix_len=length, block_size=bs, gen=gen,
+                      device=DEVICE)
+    mask = tree_mask(n, gen).to(DEVICE)
+    cfg = TreeAttentionConfig(block_n=block_n, split_len=split_len)
+    out, lse = paged_hybrid_attention(**case, mask=mask, config=cfg)
+    want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_kernel_chunks_queries_causally() -> None:
+    gen = torch.Generator().manual_seed(11)
+    case = paged_case(n=40, hkv=2, group=2, d=64, prefix_len=50, block_size=16, gen=gen,
+                      device=DEVICE)
+    triton_backend = get_attention_backend("triton")
+    out, lse = triton_backend.paged_prefill_attention(**case)
+    want_out, want_lse = ref.paged_hybrid_attention(**case, mask=causal_mask(40).to(DEVICE))
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+    from lsrt.kernels.attention.triton_prefill import paged_prefill_attention
+
+    chunked, chunked_lse = paged_prefill_attention(**case, max_queries=16)
+    torch.testing.assert_close(chunked, want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked_lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("length", [8192, 32768 + 77])
+@pytest.mark.parametrize("n", [1, 16, 64])
+def test_tree_kernel_bf16_long_context(length: int, n: int) -> None:
+    gen = torch.Generator().manual_seed(length + n)
+    case = paged_case(n=n, hkv=8, group=4, d=128, prefix_len=length, block_size=16, gen=gen,
+                      dtype=torch.bfloat16, device="cuda")
+    mask = tree_mask(n, gen).cuda()
+    out, lse = get_attention_backend("triton").paged_hybrid_attention(**case, mask=mask)
+    want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
+    assert torch.isfinite(out.float()).all()
+    assert _relerr(out, want_out) < 1e-2
+    assert _relerr(lse, want_lse) < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_prefill_kernel_bf16_long_context() -> None:
+    gen = torch.Generator().manual_seed(5)
+    case = paged_case(n=700, hkv=8, group=4, d=128, prefix_len=8000, block_size=16, gen=gen,
+                      dtype=torch.bfloat16, device="cuda")
+    out, lse = get_attention_backend("triton").paged_prefill_attention(**case)
+    want_out, want_lse = ref.paged_prefill_attention(**case)
+    assert _relerr(out, want_out) < 1e-2
+    assert _relerr(lse, want_lse) < 1e-3

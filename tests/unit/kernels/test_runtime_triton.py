@@ -1,0 +1,32 @@
+"""The model runner through the Triton kernels (interpreter on CPU) equals the SDPA path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lsrt.runtime.model import load_model
+from lsrt.runtime.runner import ModelRunner, RunnerConfig
+from lsrt.runtime.spec.tree import DraftTree
+
+from tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.kernels
+
+
+def test_prefill_verify_commit_match_sdpa(tmp_path):
+    make_tiny_model("qwen2", tmp_path)
+    ids = torch.randint(0, 96, (23,), generator=torch.Generator().manual_seed(0)).tolist()
+    tree = DraftTree.from_paths(ids[-1], [[3, 4, 5], [3, 6], [7]])
+    outs = {}
+    for attention in ("sdpa", "triton"):
+        runner = ModelRunner(load_model(tmp_path), RunnerConfig(
+            attention=attention, kv_budget_mb=4, block_size=4, prefill_chunk=8))
+        seq = runner.new_sequence()
+        first = runner.prefill(seq, ids[:-1], want_logits=True)
+        logits = runner.verify(seq, tree)
+        runner.commit(seq, tree.path_to(2))
+        after = runner.verify(seq, DraftTree.chain(9, []))
+        outs[attention] = (first, logits, after)
+    for a, b in zip(outs["sdpa"], outs["triton"]):
+        assert (a - b).abs().max() < 1e-4
