@@ -328,7 +328,7 @@ class SuffixDrafter:
         """Follow `history` if the engine has not told us (cheap when it has)."""
         n = len(self.index)
         if n > len(history):
-            pass
+            self.index.truncate(len(history))
         elif n < len(history):
             self.index.extend(history[n:])
         if history and self.index.tokens[-1] != history[-1]:  # diverged: rebuild
