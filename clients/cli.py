@@ -116,6 +116,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_draft(args: argparse.Namespace) -> int:
+    from lsrt.runtime.training.longspec_train import main as train_main
+
+    return train_main(args.rest) or 0
+
+
 class _UsageError(LsrtError):
     pass
 
@@ -152,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     mi = msub.add_parser("install")
     mi.add_argument("name")
     m.set_defaults(func=cmd_models)
+
+    t = sub.add_parser("train-draft", help="train a LongSpec draft layer (see docs/LONGSPEC.md)",
+                       add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_train_draft)
 
     for extra in _client_commands():
         extra(sub)

@@ -4,6 +4,8 @@
     suffix            model-free suffix matching over the sequence's own history
     self              the target over a sink+window view of its own KV (MagicDec-style)
     model:NAME        a smaller model with the same tokenizer and a constant-size cache
+    longspec[:PATH]   LongSpec's one-layer draft (sliding-window self-attention + cross-attention
+                      into the target's last-layer KV); no PATH: initialised from the target
     auto              suffix when it matches, else `self` (or model:NAME given as auto:NAME),
                       else plain decoding — chosen by measured throughput
 """
@@ -19,7 +21,7 @@ from lsrt.runtime.spec.drafter import Drafter
 if TYPE_CHECKING:
     from lsrt.runtime.llm import LLM
 
-DRAFT_KINDS = ("none", "suffix", "self", "model:NAME", "auto", "auto:NAME")
+DRAFT_KINDS = ("none", "suffix", "self", "model:NAME", "longspec[:PATH]", "auto", "auto:NAME")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +51,10 @@ def make_drafter(spec: str, llm: "LLM", options: DraftOptions | None = None) -> 
         return SelfDrafter(llm.runner, sink=opts.sink, window=opts.window, depth=opts.depth)
     if kind == "model" and arg:
         return _model_drafter(arg, llm, opts)
+    if kind == "longspec":
+        from lsrt.runtime.spec.longspec import make_longspec_drafter
+
+        return make_longspec_drafter(llm.runner, arg or None)
     if kind == "auto":
         from lsrt.runtime.spec.auto import AutoDrafter
         from lsrt.runtime.spec.self_draft import SelfDrafter

@@ -114,11 +114,11 @@ def _first_pass(tree: DraftTree, probs: torch.Tensor) -> tuple[list[float], list
             qs.append(tree.draft_probs[i])
     flat = [tree.parents[i] * vocab + tree.tokens[i] for i in range(1, n)]
     flat += [slot[id(tree.draft_probs[i])] * vocab + tree.tokens[i] for i in stoch]
-    index = torch.tensor(flat, device=probs.device)  # [n - 1 + len(stoch)]
-    vals = probs.reshape(-1)[index[: n - 1]]  # [n - 1]
+    index = torch.tensor(flat, dtype=torch.long, device=probs.device)  # [n - 1 + len(stoch)]
+    vals = torch.take(probs, index[: n - 1])  # [n - 1]
     if qs:
         q_mat = torch.stack(qs).to(probs.device, probs.dtype)  # [len(qs), vocab]
-        vals = torch.cat([vals, q_mat.reshape(-1)[index[n - 1:]]])
+        vals = torch.cat([vals, torch.take(q_mat, index[n - 1:])])
     both = vals.tolist()
     q_tok = [1.0] * n
     for j, i in enumerate(stoch):
@@ -126,17 +126,46 @@ def _first_pass(tree: DraftTree, probs: torch.Tensor) -> tuple[list[float], list
     return [0.0, *both[: n - 1]], q_tok
 
 
-def _residual(p: torch.Tensor, tree: DraftTree, child: int) -> torch.Tensor:
-    """max(p - q, 0) for the rejected `child`, unnormalised."""
+def _residual(r: torch.Tensor, m: float, tree: DraftTree, child: int) -> torch.Tensor:
+    """max(r / m - q, 0) * m: the residual after rejecting `child`, left unnormalised."""
     q = tree.draft_probs[child]
     if q is None:  # one-hot draft: zero the token out, exactly
-        res = p.clone()
+        res = r.clone()
         res[tree.tokens[child]] = 0.0
         return res
-    return (p - q.to(device=p.device, dtype=p.dtype)).clamp_(min=0.0)
+    return torch.sub(r, q.to(device=r.device, dtype=r.dtype), alpha=m).clamp_(min=0.0)
 
 
-@torch.inference_mode()
+def _try_children(tree: DraftTree, node: int, row: torch.Tensor, uniforms: list[float],
+                  p_tok: list[float], q_tok: list[float]) -> tuple[int | None, torch.Tensor]:
+    """Try `node`'s children in order: (accepted child, _) or (None, distribution for the bonus).
+
+    The target at `node` is p = r / m: r starts as the target row (m = 1) and becomes the
+    unnormalised residual after each rejection, so no division is ever needed. (m cannot
+    underflow in practice: reaching mass m has probability about m.)
+    """
+    r, m = row, 1.0  # [vocab], its mass
+    kids = tree.children[node]
+    for j, c in enumerate(kids):
+        # Accept with probability min(1, p[x] / q[x]), written as u * q[x] * m < r[x] so that
+        # q[x] == 0 cannot divide by zero and a token with p[x] == 0 is never accepted.
+        if uniforms[c] * q_tok[c] * m < p_tok[c]:
+            return c, r
+        res = _residual(r, m, tree, c)  # [vocab]
+        later = kids[j + 1] if j + 1 < len(kids) else None
+        mass = res.sum()
+        vals = (torch.stack([mass, res[tree.tokens[later]]]) if later is not None
+                else mass.reshape(1)).tolist()  # one sync per rejection
+        if vals[0] <= _DEGENERATE_MASS * m:
+            if p_tok[c] > 0.0:  # rejected by rounding only: see _DEGENERATE_MASS
+                return c, r
+            continue  # keep p: never emit a token outside the target's support
+        r, m = res, vals[0]
+        if later is not None:
+            p_tok[later] = vals[1]
+    return None, r
+
+
 def verify_sampling(tree: DraftTree, target_probs: torch.Tensor,
                     generator: torch.Generator | None) -> Acceptance:
     """Recursive rejection sampling over the tree; the emitted tokens follow the target exactly.
@@ -151,40 +180,15 @@ def verify_sampling(tree: DraftTree, target_probs: torch.Tensor,
     gen_device = generator.device if generator is not None else torch.device("cpu")
     uniforms = torch.rand(n + 1, generator=generator, device=gen_device,
                           dtype=torch.float64).tolist()
-    p_tok, q_tok = _first_pass(tree, target_probs)
-    children, tokens = tree.children, tree.tokens
+    p_tok, q_tok = _first_pass(tree, target_probs)  # p_tok[c] = p_parent[x_c], q_tok[c] = q_c[x_c]
     path, node = [0], 0
     while True:
-        p: torch.Tensor | None = None  # residual at `node` once a child was rejected, else None
-        accepted = None
-        kids = children[node]
-        for j, c in enumerate(kids):
-            # Accept with probability min(1, p[x] / q[x]); written as u*q < p so that q[x] == 0
-            # cannot divide by zero and p[x] == 0 is never accepted.
-            if uniforms[c] * q_tok[c] < p_tok[c]:
-                accepted = c
-                break
-            if p is None:
-                p = target_probs[node]
-            res = _residual(p, tree, c)  # [vocab]
-            later = kids[j + 1] if j + 1 < len(kids) else None
-            mass_t = res.sum()
-            vals = (torch.stack([mass_t, res[tokens[later]]]) if later is not None
-                    else mass_t.reshape(1)).tolist()
-            if vals[0] <= _DEGENERATE_MASS:
-                if p_tok[c] > 0.0:  # rejected by rounding only: see _DEGENERATE_MASS
-                    accepted = c
-                    break
-                continue  # keep p: never emit a token outside the target's support
-            p = res / vals[0]
-            if later is not None:
-                p_tok[later] = vals[1] / vals[0]
-        if accepted is None:
-            bonus_probs = target_probs[node] if p is None else p
-            return Acceptance(path=path, tokens=[tokens[i] for i in path[1:]],
-                              bonus=_draw_from(bonus_probs, uniforms[n]))
-        path.append(accepted)
-        node = accepted
+        child, dist = _try_children(tree, node, target_probs[node], uniforms, p_tok, q_tok)
+        if child is None:
+            return Acceptance(path=path, tokens=[tree.tokens[i] for i in path[1:]],
+                              bonus=_draw_from(dist, uniforms[n]))
+        path.append(child)
+        node = child
 
 
 def verify(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,

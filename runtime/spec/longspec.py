@@ -1,0 +1,511 @@
+"""`longspec[:PATH]` drafter: LongSpec's one-layer draft that reads the target's last-layer KV.
+
+The draft layer (built from the target's config, fed the target's frozen token embeddings):
+
+    x  = embed[token]
+    x += SelfAttn(norm(x))      own K/V, sink + sliding window, RoPE at the draft position
+    x += CrossAttn(norm(x))     query only; K/V = the target's LAST layer, committed positions
+    x += MLP(norm(x))
+    logits = lm_head(final_norm(x))   (final_norm absent in the published checkpoints)
+
+The draft's own K/V depend only on (token, position) — they are projections of embeddings —
+so keeping the cache up to date costs one matmul per history token, no attention.
+
+Cross-attention lag: a draft query at position `N + d` (tree depth d, root at N =
+seq.num_tokens) attends to the target's last-layer keys of positions `< N` only — the target
+KV that is committed — never to the KV of uncommitted tree tokens. Training reproduces this
+(`lsrt.runtime.training.longspec_train.lag_commit`). Keys are post-RoPE at absolute positions
+in both caches ("post-rope-absolute"). docs/LONGSPEC.md has the checkpoint key mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lsrt.runtime.config import ModelConfig, rope_inv_freq
+from lsrt.runtime.kv_cache import KVSequence
+from lsrt.runtime.model import DecoderModel, apply_rope, rms_norm
+from lsrt.runtime.runner import ModelRunner
+from lsrt.runtime.spec.drafter import DraftState
+from lsrt.runtime.spec.tree import DraftTree
+
+POSITIONS = "post-rope-absolute"
+DEFAULT_WIDTHS = (4, 16, 16, 16, 16)  # LongSpec's dynamic tree: nodes added per depth
+
+
+@dataclass(frozen=True, kw_only=True)
+class LongSpecConfig:
+    """How the draft layer attends to its own history (training and inference must agree)."""
+
+    sink: int = 4
+    window: int = 512
+    final_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.sink < 0 or self.window < 1:
+            raise ValueError(f"longspec needs sink >= 0 and window >= 1, got {self.sink}, "
+                             f"{self.window}")
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """q `[n, Hq, D]`, k/v `[Hkv, S, D]`, mask `[n, S]` bool (True = visible) -> `[n, Hq, D]`.
+
+    A query that sees no key gets a zero output (LongSpec pads those rows with zeros).
+    """
+    n, hq, d = q.shape
+    hkv, s = k.shape[0], k.shape[1]
+    if s == 0:
+        return q.new_zeros(q.shape)
+    g = hq // hkv
+    empty = None
+    if mask is not None:
+        empty = ~mask.any(-1)  # [n]
+        if bool(empty.any()):
+            mask = mask.clone()
+            mask[empty, 0] = True
+        mask = mask.repeat(g, 1)  # rows are head-in-group major, like the query fold below
+    qg = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    out = out.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
+    if empty is not None:
+        out = out * (~empty).to(out.dtype)[:, None, None]
+    return out
+
+
+class LongSpecDraft(torch.nn.Module):
+    """The draft layer's own weights; embed and lm_head stay the target's (passed in)."""
+
+    def __init__(self, cfg: ModelConfig, lcfg: LongSpecConfig | None = None) -> None:
+        super().__init__()
+        self.cfg, self.lcfg = cfg, lcfg or LongSpecConfig()
+        h, i, d, hq, hkv = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim,
+                            cfg.num_heads, cfg.num_kv_heads)
+
+        def p(*shape: int) -> torch.nn.Parameter:
+            return torch.nn.Parameter(torch.zeros(*shape))
+
+        self.in_norm, self.ca_norm, self.mlp_norm = p(h), p(h), p(h)
+        self.sa_qkv_w, self.sa_qkv_b = p((hq + 2 * hkv) * d, h), p((hq + 2 * hkv) * d)
+        self.sa_o_w = p(h, hq * d)
+        self.ca_q_w, self.ca_q_b, self.ca_o_w = p(hq * d, h), p(hq * d), p(h, hq * d)
+        self.gate_up_w, self.down_w = p(2 * i, h), p(h, i)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = p(d), p(d)
+        self.final_norm = p(h) if self.lcfg.final_norm else None
+        self.inv_freq = rope_inv_freq(cfg)  # `[D/2]` float32, a plain attribute: never cast
+        self.scale = d ** -0.5
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `[n]` -> cos, sin `[n, 1, D]` (the target's RoPE, same scaling)."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _norm_qk(self, t: torch.Tensor, w: str) -> torch.Tensor:
+        return rms_norm(t, getattr(self, w), self.cfg.rms_norm_eps) if self.cfg.qk_norm else t
+
+    def project_self(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x `[n, H]` embeddings -> q `[n, Hq, D]`, k/v `[n, Hkv, D]` (q, k post-RoPE)."""
+        cfg, n = self.cfg, x.shape[0]
+        d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        qkv = F.linear(rms_norm(x, self.in_norm, cfg.rms_norm_eps), self.sa_qkv_w, self.sa_qkv_b)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = self._norm_qk(q.view(n, hq, d), "q_norm")
+        k = self._norm_qk(k.view(n, hkv, d), "k_norm")
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(n, hkv, d)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                past_k: torch.Tensor | None, past_v: torch.Tensor | None,
+                self_mask: torch.Tensor | None, cross_k: torch.Tensor, cross_v: torch.Tensor,
+                cross_mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass of `n` tokens -> (hidden `[n, H]` ready for lm_head, new k, v `[n, Hkv, D]`).
+
+        x `[n, H]` token embeddings; positions `[n]`; past_k/v `[Hkv, S, D]` (own cache, may be
+        None); self_mask `[n, S + n]` over past then new keys (None = all visible); cross_k/v
+        `[Hkv, M, D]` the target's last-layer K/V; cross_mask `[n, M]` (None = all visible).
+        """
+        cfg, n = self.cfg, x.shape[0]
+        cos, sin = self.rope(positions, x.dtype)
+        q, k, v = self.project_self(x, cos, sin)
+        keys, vals = k.transpose(0, 1), v.transpose(0, 1)
+        if past_k is not None:
+            keys, vals = torch.cat([past_k, keys], 1), torch.cat([past_v, vals], 1)
+        a = attend(q, keys, vals, self_mask, self.scale)
+        x = x + F.linear(a.reshape(n, -1), self.sa_o_w)
+        hq, d = cfg.num_heads, cfg.head_dim
+        cq = F.linear(rms_norm(x, self.ca_norm, cfg.rms_norm_eps), self.ca_q_w, self.ca_q_b)
+        cq = apply_rope(self._norm_qk(cq.view(n, hq, d), "q_norm"), cos, sin)
+        a = attend(cq, cross_k, cross_v, cross_mask, self.scale)
+        x = x + F.linear(a.reshape(n, -1), self.ca_o_w)
+        gate, up = F.linear(rms_norm(x, self.mlp_norm, cfg.rms_norm_eps),
+                            self.gate_up_w).chunk(2, dim=-1)
+        x = x + F.linear(F.silu(gate) * up, self.down_w)
+        if self.final_norm is not None:
+            x = rms_norm(x, self.final_norm, cfg.rms_norm_eps)
+        return x, k, v
+
+
+@torch.no_grad()
+def init_from_target(target: DecoderModel, lcfg: LongSpecConfig | None = None) -> LongSpecDraft:
+    """A draft initialised from the target's last layer (LongSpec's recipe), float32, CPU.
+
+    Self- and cross-attention both start from the last layer's attention (the cross query is
+    its q projection: at init it reads layer-N keys as the target's own last layer does).
+    """
+    cfg = target.cfg
+    draft = LongSpecDraft(cfg, lcfg)
+    last = target.layers[-1]
+    qn = cfg.num_heads * cfg.head_dim
+    src = {"in_norm": last.in_norm, "ca_norm": last.in_norm, "mlp_norm": last.post_norm,
+           "sa_qkv_w": last.qkv_w, "sa_o_w": last.o_w, "ca_q_w": last.qkv_w[:qn],
+           "ca_o_w": last.o_w, "gate_up_w": last.gate_up_w, "down_w": last.down_w}
+    if last.qkv_b is not None:
+        src |= {"sa_qkv_b": last.qkv_b, "ca_q_b": last.qkv_b[:qn]}
+    if cfg.qk_norm:
+        src |= {"q_norm": last.q_norm, "k_norm": last.k_norm}
+    if draft.final_norm is not None:
+        src["final_norm"] = target.norm
+    params = dict(draft.named_parameters())
+    for name, t in src.items():
+        params[name].copy_(t.float().cpu())
+    return draft
+
+
+
+# -- checkpoints ------------------------------------------------------------------------
+FORMAT = "lsrt-longspec-draft"
+_PREFIXES = ("draft_model.", "glide.", "model.")  # how the published files may be prefixed
+_IGNORED = ("cross_attn.k_proj.", "cross_attn.v_proj.", "rotary_emb.")  # unused at inference
+
+
+def published_key_map() -> dict[str, tuple[str, int | None]]:
+    """`sail/longspec-*` parameter name -> (own parameter, part of a fused q|k|v / gate|up)."""
+    m: dict[str, tuple[str, int | None]] = {
+        "input_layernorm.weight": ("in_norm", None),
+        "post_self_attention_layernorm.weight": ("ca_norm", None),
+        "post_cross_attention_layernorm.weight": ("mlp_norm", None),
+        "self_attn.o_proj.weight": ("sa_o_w", None),
+        "cross_attn.q_proj.weight": ("ca_q_w", None), "cross_attn.q_proj.bias": ("ca_q_b", None),
+        "cross_attn.o_proj.weight": ("ca_o_w", None),
+        "mlp.gate_proj.weight": ("gate_up_w", 0), "mlp.up_proj.weight": ("gate_up_w", 1),
+        "mlp.down_proj.weight": ("down_w", None)}
+    for j, n in enumerate("qkv"):
+        m[f"self_attn.{n}_proj.weight"] = ("sa_qkv_w", j)
+        m[f"self_attn.{n}_proj.bias"] = ("sa_qkv_b", j)
+    return m
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a published checkpoint: a directory, a .safetensors or a .pth/.bin file."""
+    from safetensors.torch import load_file
+
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(
+            [*path.glob("*.bin"), *path.glob("*.pth")])
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors, *.bin or *.pth weights")
+    else:
+        files = [path]
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f) if f.suffix == ".safetensors"
+                   else torch.load(f, map_location="cpu", weights_only=True))
+    return out
+
+
+@torch.no_grad()
+def load_longspec_checkpoint(path_or_state_dict: str | Path | dict[str, torch.Tensor],
+                             target_cfg: ModelConfig, lcfg: LongSpecConfig | None = None
+                             ) -> LongSpecDraft:
+    """A published LongSpec draft (Qwen2/LlamaGlideDecoderLayer names) as a LongSpecDraft.
+
+    The published layer has no final norm and was trained with a 512-token window and no
+    sink, hence the default `LongSpecConfig(sink=0, window=512, final_norm=False)`.
+    Raises ValueError on unknown, missing or mis-shaped tensors.
+    """
+    sd = (path_or_state_dict if isinstance(path_or_state_dict, dict)
+          else _read_state_dict(Path(path_or_state_dict)))
+    draft = LongSpecDraft(target_cfg, lcfg or LongSpecConfig(sink=0, window=512,
+                                                              final_norm=False))
+    params, names = dict(draft.named_parameters()), published_key_map()
+    cfg = target_cfg
+    qkv = [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    seen, unknown = set(), []
+    for key, t in sd.items():
+        for pre in _PREFIXES:
+            key = key.removeprefix(pre)
+        if key not in names:
+            if not any(s in key for s in _IGNORED):
+                unknown.append(key)
+            continue
+        own, part = names[key]
+        dst = params[own]
+        if part is not None:
+            sizes = qkv if own.startswith("sa_qkv") else [cfg.intermediate_size] * 2
+            dst = dst[sum(sizes[:part]):sum(sizes[:part + 1])]
+        if tuple(t.shape) != tuple(dst.shape):
+            raise ValueError(f"longspec checkpoint: {key} has shape {tuple(t.shape)}, "
+                             f"expected {tuple(dst.shape)} for this target")
+        dst.copy_(t.float())
+        seen.add(key)
+    missing = [k for k in names if k not in seen and not k.endswith(".bias")]
+    if unknown or missing:
+        raise ValueError(f"longspec checkpoint does not fit: unknown {unknown[:5]}, "
+                         f"missing {missing[:5]}")
+    return draft
+
+
+def _shape_fields(cfg: ModelConfig) -> dict:
+    return {k: getattr(cfg, k) for k in ("arch", "vocab_size", "hidden_size", "num_layers",
+                                         "num_heads", "num_kv_heads", "head_dim",
+                                         "intermediate_size")}
+
+
+def save_draft(draft: LongSpecDraft, out_dir: str | Path, extra: dict | None = None) -> None:
+    """`draft.safetensors` (own parameter names) + `config.json` (format, sink/window, target)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in draft.state_dict().items()}
+    save_file(tensors, str(out / "draft.safetensors.tmp"))
+    (out / "draft.safetensors.tmp").replace(out / "draft.safetensors")
+    meta = {"format": FORMAT, "version": 1, "positions": POSITIONS,
+            "sink": draft.lcfg.sink, "window": draft.lcfg.window,
+            "final_norm": draft.lcfg.final_norm, "target": _shape_fields(draft.cfg),
+            **(extra or {})}
+    (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+
+
+def is_own_checkpoint(path: str | Path) -> bool:
+    import json
+
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("format") == FORMAT
+
+
+@torch.no_grad()
+def load_draft(path: str | Path, target_cfg: ModelConfig) -> LongSpecDraft:
+    """Load a `save_draft` directory; ValueError when it was trained for another target."""
+    import json
+
+    from safetensors.torch import load_file
+
+    meta = json.loads((Path(path) / "config.json").read_text())
+    if meta.get("format") != FORMAT or meta.get("positions") != POSITIONS:
+        raise ValueError(f"{path}: not an lsrt longspec draft ({meta.get('format')})")
+    if meta["target"] != _shape_fields(target_cfg):
+        raise ValueError(f"{path}: draft made for {meta['target']}, not this target")
+    draft = LongSpecDraft(target_cfg, LongSpecConfig(sink=meta["sink"], window=meta["window"],
+                                                     final_norm=meta["final_norm"]))
+    draft.load_state_dict(load_file(str(Path(path) / "draft.safetensors")))
+    return draft
+
+
+# -- the drafter ------------------------------------------------------------------------
+class LongSpecDrafter:
+    """Drafter protocol over a LongSpecDraft: a top-k tree, `widths[d]` nodes at depth d + 1.
+
+    Deterministic (draft_probs None), so the sampling verifier stays exact. Its own cache keeps
+    `sink` positions plus a ring of the last `window` (slot of p >= sink: sink + (p - sink) %
+    window); `bind(seq)` gives it the target sequence whose committed last-layer KV it reads.
+    """
+
+    name = "longspec"
+
+    def __init__(self, runner: ModelRunner, draft: LongSpecDraft, *,
+                 widths: tuple[int, ...] = DEFAULT_WIDTHS) -> None:
+        if not widths or any(w < 1 for w in widths):
+            raise ValueError(f"longspec widths must be positive, got {widths}")
+        if draft.cfg.hidden_size != runner.cfg.hidden_size or \
+                draft.cfg.head_dim != runner.cfg.head_dim:
+            raise ValueError("longspec draft was built for another target")
+        self.runner, self.target = runner, runner.model
+        self.draft = draft.to(device=runner.model.device, dtype=runner.model.dtype).eval()
+        self.widths = tuple(widths)
+        self.sink, self.window = draft.lcfg.sink, draft.lcfg.window
+        cfg = runner.cfg
+        shape = (cfg.num_kv_heads, self.sink + self.window, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=runner.model.dtype, device=runner.model.device)
+        self.v = torch.zeros_like(self.k)
+        self.history: list[int] = []
+        self.done = 0  # positions [0, done) encoded: sinks and ring [max(sink, floor), done)
+        self.floor = 0
+        self.seq: KVSequence | None = None
+
+    def bind(self, seq: KVSequence) -> None:
+        self.seq = seq
+
+    # -- the own cache ------------------------------------------------------------------
+    def slot(self, pos: int) -> int:
+        return pos if pos < self.sink else self.sink + (pos - self.sink) % self.window
+
+    def visible(self, end: int) -> list[int]:
+        """Positions a query at `end` sees in the own cache (sinks, then the window)."""
+        head = list(range(min(self.sink, end)))
+        return head + list(range(max(self.sink, self.floor, end - self.window), end))
+
+    def _encode(self, start: int, end: int) -> None:
+        """Own K/V of history[start:end]: projections of embeddings, no attention needed."""
+        dev = self.target.device
+        for a in range(start, end, 256):
+            b = min(end, a + 256)
+            x = self.target.embed[torch.tensor(self.history[a:b], device=dev)]
+            cos, sin = self.draft.rope(torch.arange(a, b, device=dev), x.dtype)
+            _, k, v = self.draft.project_self(x, cos, sin)
+            slots = torch.tensor([self.slot(p) for p in range(a, b)], device=dev)
+            self.k[:, slots] = k.transpose(0, 1)
+            self.v[:, slots] = v.transpose(0, 1)
+
+    def catch_up(self, end: int) -> None:
+        if self.done < min(self.sink, end):
+            self._encode(self.done, min(self.sink, end))
+            self.done = self.floor = min(self.sink, end)
+        if end <= self.sink:
+            return
+        lo = max(self.sink, end - self.window)
+        if self.done < lo or max(self.sink, self.floor) > lo:
+            self.done = self.floor = lo  # skip what the window no longer needs / re-encode
+        self._encode(self.done, end)
+        self.done = end
+
+    # -- the drafter protocol -----------------------------------------------------------
+    def observe(self, tokens: list[int]) -> None:
+        self.history.extend(tokens)
+
+    def rollback(self, num_tokens: int) -> None:
+        del self.history[num_tokens:]
+        if self.done > num_tokens:
+            # Ring slots of [num_tokens - window, done - window) were overwritten.
+            self.floor = min(max(self.floor, self.done - self.window), num_tokens)
+            self.done = num_tokens
+
+    def _target_kv(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's last-layer K/V `[Hkv, n, D]` of committed positions [0, n)."""
+        seq, pool = self.seq, self.runner.pool
+        span = seq.contiguous_span(n)
+        if span is not None:
+            return pool.k[-1, :, span[0]:span[1]], pool.v[-1, :, span[0]:span[1]]
+        slots = seq.slots(0, n)
+        return pool.k[-1].index_select(1, slots), pool.v[-1].index_select(1, slots)
+
+    def _budget(self, root: int, max_nodes: int) -> list[int]:
+        left, out = max_nodes - 1, []
+        for w in self.widths[:max(0, self.runner.cfg.context_limit - root - 1)]:
+            if left <= 0:
+                break
+            out.append(min(w, left))
+            left -= out[-1]
+        return out
+
+    @torch.inference_mode()
+    def propose(self, history: list[int], max_nodes: int) -> DraftTree | None:
+        if self.seq is None:
+            raise RuntimeError("LongSpecDrafter.propose before bind(seq)")
+        if len(history) != len(self.history):  # the engine did not tell us: follow the history
+            self.rollback(min(len(history), len(self.history)))
+            self.history = list(history)
+        root = len(history) - 1
+        widths = self._budget(root, max_nodes)
+        if not widths:
+            return None
+        self.catch_up(root)
+        dev = self.target.device
+        vis = torch.tensor([self.slot(p) for p in self.visible(root)], dtype=torch.long,
+                           device=dev)
+        past_k, past_v = self.k[:, vis], self.v[:, vis]
+        cross_k, cross_v = self._target_kv(self.seq.num_tokens)  # committed only: the lag
+        tokens, parents, depth, anc = [history[-1]], [-1], [0], [[0]]
+        cum = torch.zeros(1, device=dev)
+        level, s = [0], past_k.shape[1]
+        for w in widths:
+            t, m = level[0], len(level)  # t tree nodes already in past_k, after the s cached
+            mask = torch.zeros((m, s + t + m), dtype=torch.bool, device=dev)
+            mask[:, :s] = True
+            for r, node in enumerate(level):
+                mask[r, [s + a for a in anc[node][:-1]] + [s + t + r]] = True
+            x = self.target.embed[torch.tensor([tokens[i] for i in level], device=dev)]
+            pos = torch.tensor([root + depth[i] for i in level], device=dev)
+            hidden, k, v = self.draft(x, pos, past_k, past_v, mask, cross_k, cross_v, None)
+            past_k = torch.cat([past_k, k.transpose(0, 1)], 1)
+            past_v = torch.cat([past_v, v.transpose(0, 1)], 1)
+            logp = F.linear(hidden, self.target.lm_head).float().log_softmax(-1)  # [m, V]
+            vocab = logp.shape[-1]
+            scores, idx = (cum[level][:, None] + logp).flatten().topk(min(w, m * vocab))
+            new_level = []
+            for sc, j in zip(scores.tolist(), idx.tolist()):
+                parent = level[j // vocab]
+                new_level.append(len(tokens))
+                tokens.append(j % vocab)
+                parents.append(parent)
+                depth.append(depth[parent] + 1)
+                anc.append(anc[parent] + [len(tokens) - 1])
+            cum = torch.cat([cum, scores])
+            level = new_level
+        return DraftTree(tokens=tokens, parents=parents, source=self.name)
+
+    # -- persistence --------------------------------------------------------------------
+    def export_state(self) -> DraftState | None:
+        from lsrt.sessions.blob import tensor_to_entry
+
+        if self.done == 0:
+            return None
+        positions = self.visible(self.done)
+        idx = torch.tensor([self.slot(p) for p in positions], device=self.k.device)
+        return DraftState(
+            kind=self.name, num_tokens=self.done,
+            header={"positions": POSITIONS, "sink": self.sink, "window": self.window,
+                    "dtype": str(self.k.dtype).removeprefix("torch."),
+                    "layout": "[kv_heads, cached_positions, head_dim]",
+                    "cached_positions": positions},
+            tensors={"k": tensor_to_entry(self.k[:, idx].cpu()),
+                     "v": tensor_to_entry(self.v[:, idx].cpu())})
+
+    def import_state(self, state: DraftState) -> None:
+        """Load an exported cache; `ValueError` when it was made under another convention."""
+        from lsrt.sessions.blob import entry_to_tensor
+
+        h = state.header
+        if (state.kind != self.name or h.get("positions") != POSITIONS
+                or h.get("sink") != self.sink or h.get("window") != self.window
+                or h.get("dtype") != str(self.k.dtype).removeprefix("torch.")):
+            raise ValueError(f"draft state of {state.kind} {h} does not fit {self.name}")
+        positions = list(h["cached_positions"])
+        floor = positions[self.sink] if len(positions) > self.sink else state.num_tokens
+        old = self.floor
+        self.floor = floor
+        if positions != self.visible(state.num_tokens):
+            self.floor = old
+            raise ValueError("draft state positions do not match its length")
+        k, v = entry_to_tensor(state.tensors["k"]), entry_to_tensor(state.tensors["v"])
+        want = (self.k.shape[0], len(positions), self.k.shape[2])
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            self.floor = old
+            raise ValueError(f"draft state shape {tuple(k.shape)} != {want}")
+        idx = torch.tensor([self.slot(p) for p in positions], device=self.k.device)
+        self.k[:, idx] = k.to(self.k)
+        self.v[:, idx] = v.to(self.v)
+        self.done = state.num_tokens
+
+
+def make_longspec_drafter(runner: ModelRunner, path: str | Path | None = None, *,
+                          widths: tuple[int, ...] = DEFAULT_WIDTHS) -> LongSpecDrafter:
+    """`longspec` (draft initialised from the target's last layer: untrained, still lossless),
+    `longspec:DIR` (a `save_draft` directory) or `longspec:PATH` (a published checkpoint)."""
+    if path is None:
+        draft = init_from_target(runner.model)
+    elif is_own_checkpoint(path):
+        draft = load_draft(path, runner.cfg)
+    else:
+        draft = load_longspec_checkpoint(path, runner.cfg)
+    return LongSpecDrafter(runner, draft, widths=widths)

@@ -1,0 +1,1 @@
+"""Training of draft models (the LongSpec draft layer) against a frozen lsrt target."""

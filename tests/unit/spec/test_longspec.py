@@ -1,0 +1,221 @@
+"""The LongSpec drafter: lossless with random weights, tree shape, cache persistence, and the
+published checkpoint's key mapping checked against an independent re-implementation of the
+published layer (no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lsrt.runtime.llm import LLM
+from lsrt.runtime.runner import RunnerConfig
+from lsrt.runtime.sampling import SamplingParams
+from lsrt.runtime.spec.longspec import (LongSpecConfig, LongSpecDrafter, init_from_target,
+                                        load_longspec_checkpoint, make_longspec_drafter)
+from lsrt.sessions.blob import decode_draft_blob, encode_draft_blob
+
+from tiny_models import copy_tokenizer, make_tiny_model
+
+
+def repetitive_prompt(vocab: int, n: int, seed: int) -> list[int]:
+    """Random blocks that repeat (as in test_spec_lossless), so drafts sometimes hit."""
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randint(1, vocab - 2, (37,), generator=g).tolist()
+    out: list[int] = []
+    while len(out) < n:
+        out += block if len(out) % 3 else torch.randint(1, vocab - 2, (11,), generator=g).tolist()
+    return out[:n]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def tiny(request, tmp_path_factory, smollm2_dir):
+    path = tmp_path_factory.mktemp(f"longspec-{request.param}")
+    make_tiny_model(request.param, path)
+    copy_tokenizer(smollm2_dir, path)
+    return LLM(path, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8))
+
+
+def drafter_for(llm: LLM, widths, *, sink=4, window=16, seed=None) -> LongSpecDrafter:
+    draft = init_from_target(llm.runner.model, LongSpecConfig(sink=sink, window=window))
+    if seed is not None:  # perturb: a draft that is not a copy of the last layer
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in draft.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return LongSpecDrafter(llm.runner, draft, widths=widths)
+
+
+def run(llm: LLM, ids: list[int], drafter, params: SamplingParams):
+    seq = llm.runner.new_sequence()
+    try:
+        llm.runner.prefill(seq, ids[:-1])
+        history = list(ids)
+        if drafter is not None:
+            drafter.observe(history)
+        return llm.engine.generate(seq, history, params, drafter=drafter)
+    finally:
+        seq.release()
+
+
+@pytest.mark.parametrize("widths", [(1, 1, 1), (2, 3, 3)], ids=["chain", "tree"])
+def test_greedy_identical(tiny, widths):
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 120, seed=3)
+    params = SamplingParams(max_tokens=24)
+    plain = run(tiny, ids, None, params)
+    spec = run(tiny, ids, drafter_for(tiny, widths, seed=1), params)
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.drafted_tokens > 0
+
+
+def test_tree_shape_and_budget(tiny):
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 40, seed=4)
+    seq = tiny.runner.new_sequence()
+    try:
+        tiny.runner.prefill(seq, ids[:-1])
+        d = drafter_for(tiny, (4, 16, 16, 16, 16))
+        d.observe(ids)
+        d.bind(seq)
+        tree = d.propose(ids, 32)  # 31 nodes of budget: widths cut to 4, 16, 11
+        assert len(tree) == 32 and tree.tokens[0] == ids[-1]
+        assert [tree.depth.count(k) for k in range(1, 4)] == [4, 16, 11]
+        assert all(p is None for p in tree.draft_probs)
+        # Depth 1 = the draft's top-4 at the root, best first.
+        chain = drafter_for(tiny, (1,))
+        chain.observe(ids)
+        chain.bind(seq)
+        assert chain.propose(ids, 8).tokens[1] == tree.tokens[1]
+        assert len(set(zip(tree.parents, tree.tokens))) == len(tree)  # no duplicate children
+    finally:
+        seq.release()
+
+
+def test_rollback_and_export_import(tiny):
+    """After rollback, and after export -> blob -> import, proposals equal a fresh drafter's."""
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 90, seed=6)
+    seq = tiny.runner.new_sequence()
+    try:
+        tiny.runner.prefill(seq, ids[:-1])
+        a = drafter_for(tiny, (2, 2), seed=2)
+        a.bind(seq)
+        a.observe(ids[:30])
+        a.propose(ids[:30], 8)
+        a.observe(ids[30:])
+        first = a.propose(ids, 8)  # catches up past a full window
+        a.rollback(75)  # ring entries of [59, 73) are gone: they must be re-encoded
+        a.observe(ids[75:80])
+        fresh = drafter_for(tiny, (2, 2), seed=2)
+        fresh.bind(seq)
+        fresh.observe(ids[:80])
+        seq.truncate(79)
+        assert a.propose(ids[:80], 8).tokens == fresh.propose(ids[:80], 8).tokens
+        tiny.runner.prefill(seq, ids[79:-1])
+        a.observe(ids[80:])
+        assert a.propose(ids, 8).tokens == first.tokens
+        blob = encode_draft_blob(a.export_state(), session_version=3, fingerprint="f")
+        state = decode_draft_blob(blob, expected_version=3, fingerprint="f")
+        assert state.header["positions"] == "post-rope-absolute"
+        assert state.header["cached_positions"] == [0, 1, 2, 3, *range(73, 89)]
+        b = drafter_for(tiny, (2, 2), seed=2)
+        b.import_state(state)
+        b.bind(seq)
+        b.observe(ids)
+        assert b.done == 89 and b.propose(ids, 8).tokens == first.tokens
+        other = drafter_for(tiny, (2, 2), window=32)
+        with pytest.raises(ValueError):
+            other.import_state(state)
+    finally:
+        seq.release()
+
+
+def published_state_dict(cfg, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random tensors under the names and shapes of `sail/longspec-*` (GlideDecoderLayer)."""
+    h, i, qn, kvn = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim,
+                     cfg.num_kv_heads * cfg.head_dim)
+    shapes = {"input_layernorm.weight": (h,), "post_self_attention_layernorm.weight": (h,),
+              "post_cross_attention_layernorm.weight": (h,),
+              "mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h),
+              "mlp.down_proj.weight": (h, i)}
+    for att in ("self_attn", "cross_attn"):
+        for n, out in (("q", qn), ("k", kvn), ("v", kvn)):
+            shapes[f"{att}.{n}_proj.weight"] = (out, h)
+            shapes[f"{att}.{n}_proj.bias"] = (out,)
+        shapes[f"{att}.o_proj.weight"] = (h, qn)
+    return {f"draft_model.{k}": 0.1 * torch.randn(s, generator=g) + (1.0 if len(s) == 1 and
+            "norm" in k else 0.0) for k, s in shapes.items()}
+
+
+def reference_published_layer(sd, cfg, x, pos, ck, cv):
+    """The published layer's forward written from its module layout (plain ops, no masks
+    but causal self-attention; all target keys visible)."""
+    sd = {k.removeprefix("draft_model."): v for k, v in sd.items()}
+    n, hq, hkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def lin(name, t):
+        return F.linear(t, sd[f"{name}.weight"], sd.get(f"{name}.bias"))
+
+    def norm(name, t):
+        return sd[f"{name}.weight"] * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True)
+                                                       + cfg.rms_norm_eps))
+
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.cat([pos.float()[:, None] * inv] * 2, -1)[:, None]
+
+    def rope(t):
+        return t * ang.cos() + torch.cat([-t[..., d // 2:], t[..., :d // 2]], -1) * ang.sin()
+
+    def mha(q, k, v, causal):
+        k, v = k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1)
+        s = torch.einsum("qhd,khd->hqk", q, k) / d ** 0.5
+        if causal:
+            s = s.masked_fill(torch.ones(n, n).triu(1).bool(), float("-inf"))
+        return torch.einsum("hqk,khd->qhd", s.softmax(-1), v).reshape(n, -1)
+
+    h = norm("input_layernorm", x)
+    q = rope(lin("self_attn.q_proj", h).view(n, hq, d))
+    k = rope(lin("self_attn.k_proj", h).view(n, hkv, d))
+    x = x + lin("self_attn.o_proj", mha(q, k, lin("self_attn.v_proj", h).view(n, hkv, d), True))
+    q = rope(lin("cross_attn.q_proj", norm("post_self_attention_layernorm", x)).view(n, hq, d))
+    x = x + lin("cross_attn.o_proj", mha(q, ck.transpose(0, 1), cv.transpose(0, 1), False))
+    h = norm("post_cross_attention_layernorm", x)
+    return x + lin("mlp.down_proj", F.silu(lin("mlp.gate_proj", h)) * lin("mlp.up_proj", h))
+
+
+def test_published_checkpoint_key_mapping(tmp_path):
+    from lsrt.runtime.config import ModelConfig
+
+    cfg = ModelConfig(arch="llama", vocab_size=50, hidden_size=32, intermediate_size=48,
+                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6,
+                      rope_theta=10000.0)
+    g = torch.Generator().manual_seed(0)
+    sd = published_state_dict(cfg, g)
+    draft = load_longspec_checkpoint(sd, cfg)
+    assert draft.final_norm is None and draft.lcfg.sink == 0 and draft.lcfg.window == 512
+    n, m = 7, 11
+    x, pos = torch.randn(n, 32, generator=g), torch.arange(100, 100 + n)
+    ck, cv = torch.randn(2, m, 8, generator=g), torch.randn(2, m, 8, generator=g)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    got, _, _ = draft(x, pos, None, None, causal, ck, cv, None)
+    want = reference_published_layer(sd, cfg, x, pos, ck, cv)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The same tensors from a file on disk (torch.save, as the LongSpec trainer writes them).
+    torch.save(sd, tmp_path / "draft_model_weights.pth")
+    again = load_longspec_checkpoint(tmp_path, cfg)
+    torch.testing.assert_close(again(x, pos, None, None, causal, ck, cv, None)[0], want,
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown"):
+        load_longspec_checkpoint({**sd, "draft_model.extra.weight": torch.zeros(1)}, cfg)
+    bad = dict(sd)
+    bad["draft_model.mlp.down_proj.weight"] = torch.zeros(32, 47)
+    with pytest.raises(ValueError, match="shape"):
+        load_longspec_checkpoint(bad, cfg)
+    del bad["draft_model.mlp.down_proj.weight"]
+    with pytest.raises(ValueError, match="missing"):
+        load_longspec_checkpoint(bad, cfg)
+
+
+def test_make_longspec_drafter_default_is_lossless(tiny):
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 60, seed=8)
+    params = SamplingParams(max_tokens=12)
+    d = make_longspec_drafter(tiny.runner, widths=(2, 2))
+    assert run(tiny, ids, d, params).token_ids == run(tiny, ids, None, params).token_ids

@@ -1,0 +1,215 @@
+"""LongSpec draft training: index forms, training mirrors inference, loss goes down, save/load
+and resume are exact, and the `lsrt train-draft` entry point runs end to end (tiny models)."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from lsrt.runtime.model import load_model
+from lsrt.runtime.runner import ModelRunner, RunnerConfig
+from lsrt.runtime.spec.longspec import (LongSpecConfig, LongSpecDrafter, init_from_target,
+                                        load_draft, make_longspec_drafter)
+from lsrt.runtime.training.data import DataConfig, build_corpus
+from lsrt.runtime.training.longspec_train import (
+    LongSpecTrainer, TrainConfig, anchor_offset_positions, draft_loss, lag_commit, main,
+    resume, self_window_mask, train)
+
+from tiny_models import copy_tokenizer, make_tiny_model, tiny_config
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ls-train-llama")
+    make_tiny_model("llama", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def target(target_dir):
+    return load_model(target_dir)
+
+
+def perturbed_draft(target, seed=1, **lcfg):
+    draft = init_from_target(target, LongSpecConfig(**lcfg) if lcfg else None)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return draft
+
+
+def stream(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g)
+
+
+def test_anchor_offset_positions_form():
+    g = torch.Generator().manual_seed(0)
+    offsets = set()
+    for length, sinks, max_pos in [(64, 4, 4096), (64, 0, 100), (10, 4, 10), (3, 4, 50)]:
+        for _ in range(50):
+            pos = anchor_offset_positions(length, sinks, max_pos, g)
+            s = min(sinks, length)
+            assert pos[:s].tolist() == list(range(s))
+            rest = pos[s:]
+            if rest.numel():
+                offset = int(rest[0]) - s
+                assert 0 <= offset <= max_pos - length
+                assert rest.tolist() == list(range(s + offset, s + offset + rest.numel()))
+                offsets.add(offset)
+            assert int(pos.max()) < max_pos
+    assert len(offsets) > 20  # offsets really vary
+
+
+def test_lag_commit_and_self_mask():
+    g = torch.Generator().manual_seed(1)
+    commit = lag_commit(200, 4, g)
+    t = torch.arange(200)
+    lag = t - commit + 1
+    assert int(lag.min()) == 1 and int(lag.max()) == 4
+    assert set(lag.tolist()) == {1, 2, 3, 4}
+    starts = commit.unique()
+    assert (commit[starts] == starts).all()  # each segment starts at its own commit point
+    assert (commit[1:] >= commit[:-1]).all()
+    mask = self_window_mask(commit, 2, 5)
+    for q in range(200):
+        want = [j for j in range(q + 1) if j < 2 or j >= int(commit[q]) - 5]
+        assert mask[q].nonzero().flatten().tolist() == want
+
+
+def mirror_draft(target):
+    """A perturbed draft whose cross-attention output is amplified, so that reading one
+    target key more or less shows in the top-k."""
+    draft = perturbed_draft(target, sink=2, window=8)
+    with torch.no_grad():
+        draft.ca_o_w.mul_(10)
+    return draft
+
+
+@pytest.mark.parametrize("n", [50, 7])
+def test_training_mirrors_inference(target, n):
+    """The drafter's top-k at the root and its depth-2 choice equal the training forward's
+    (same own-cache window, same target KV, same lag) on the same tokens."""
+    from lsrt.runtime.training.longspec_train import target_last_kv
+
+    runner = ModelRunner(target, RunnerConfig(kv_budget_mb=8, block_size=8))
+    ids = stream(target.cfg.vocab_size, n, seed=3).tolist()
+    seq = runner.new_sequence()
+    try:
+        runner.prefill(seq, ids[:-1])
+        top5 = LongSpecDrafter(runner, mirror_draft(target), widths=(5,))
+        chain = LongSpecDrafter(runner, mirror_draft(target), widths=(1, 1))
+        for d in (top5, chain):
+            d.observe(ids)
+            d.bind(seq)
+        tree, path = top5.propose(ids, 16), chain.propose(ids, 16)
+    finally:
+        seq.release()
+    full = torch.tensor(ids + [path.tokens[1]])
+    pos = torch.arange(n + 1)
+    commit = torch.arange(n + 1)
+    commit[n] = n - 1  # the depth-2 query sees the same committed target KV as the root
+    k, v, _ = target_last_kv(target, full, pos)
+    cross = torch.arange(n + 1)[None, :] < commit[:, None]
+    with torch.no_grad():
+        hidden, _, _ = mirror_draft(target)(target.embed[full], pos, None, None,
+                                            self_window_mask(commit, 2, 8), k, v, cross)
+    logits = hidden @ target.lm_head.float().T
+    assert tree.tokens[1:] == logits[n - 1].topk(5).indices.tolist()
+    assert path.tokens[1] == tree.tokens[1]
+    assert path.tokens[2] == int(logits[n].argmax())
+
+
+def test_training_steps_decrease_loss_on_fixed_batch(target):
+    cfg = TrainConfig(seq_len=48, lr=3e-3, warmup=1, total_steps=10, max_position=4096,
+                      kl_weight=0.5)
+    tr = LongSpecTrainer(target, perturbed_draft(target), cfg, stream(target.cfg.vocab_size,
+                                                                      500))
+    ids, pos, commit = tr.sample()
+    losses = [tr.step_on(ids, pos, commit) for _ in range(8)]
+    with torch.no_grad():
+        final = float(draft_loss(tr.draft, target, tr.head, ids, pos, commit, 0.5))
+    assert final < losses[0] - 0.1, losses
+    # Only the draft's own weights train: the target is untouched.
+    assert all(not p.requires_grad for p in target.parameters())
+
+
+def test_save_load_and_resume_exact(target, tmp_path):
+    cfg = TrainConfig(seq_len=32, lr=1e-3, warmup=2, total_steps=6, max_position=1024)
+    tokens = stream(target.cfg.vocab_size, 400, seed=2)
+    ref = LongSpecTrainer(target, init_from_target(target), cfg, tokens)
+    want = train(ref, 6, progress=False)
+    first = LongSpecTrainer(target, init_from_target(target), cfg, tokens)
+    train(first, 3, tmp_path, save_every=100, progress=False)
+    again = LongSpecTrainer(target, init_from_target(target), cfg, tokens)
+    resume(again, tmp_path)
+    assert again.step == 3
+    got = train(again, 6, tmp_path, save_every=100, progress=False)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
+    # The saved draft loads (by name and through make_longspec_drafter) with equal weights.
+    loaded = load_draft(tmp_path, target.cfg)
+    for name, p in again.draft.named_parameters():
+        assert torch.equal(dict(loaded.named_parameters())[name], p.detach())
+    runner = ModelRunner(target, RunnerConfig(kv_budget_mb=8, block_size=8))
+    ids = tokens[:40].tolist()
+    seq = runner.new_sequence()
+    try:
+        runner.prefill(seq, ids[:-1])
+        trees = []
+        for d in (make_longspec_drafter(runner, tmp_path, widths=(3, 3)),
+                  LongSpecDrafter(runner, again.draft, widths=(3, 3))):
+            d.observe(ids)
+            d.bind(seq)
+            trees.append((d.propose(ids, 8).tokens, d.propose(ids, 8).parents))
+        assert trees[0] == trees[1]
+    finally:
+        seq.release()
+
+
+def test_cli_end_to_end(tmp_path, smollm2_dir):
+    """A tiny target with the real tokenizer's vocabulary, data from files, held-out traces."""
+    from transformers import AutoModelForCausalLM
+
+    tdir = tmp_path / "target"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", vocab=49152)).save_pretrained(tdir)
+    copy_tokenizer(smollm2_dir, tdir)
+    data = tmp_path / "data"
+    data.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    (data / "a.py").write_text((stdlib / "textwrap.py").read_text())
+    rows = [{"id": f"t{i}", "messages": [{"role": "user", "content": f"task {i}"},
+                                         {"role": "tool", "content": "out " * 20}]}
+            for i in range(3)]
+    (data / "traces.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    args = ["--target", str(tdir), "--data", str(data), "--out", str(out), "--seq-len", "32",
+            "--max-tokens", "3000", "--holdout", "1", "--window", "16", "--no-progress"]
+    assert main([*args, "--steps", "2"]) == 0
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["step"] == 2 and meta["data"]["held_out_traces"] == ["t0"]
+    assert meta["window"] == 16 and meta["positions"] == "post-rope-absolute"
+    assert main([*args, "--steps", "3", "--resume"]) == 0
+    assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == 3
+
+
+def test_corpus_tokens_and_holdout(tmp_path, smollm2_dir):
+    from lsrt.runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer(smollm2_dir)
+    (tmp_path / "x.py").write_text("def f(x):\n    return x + 1\n")
+    rows = [{"id": f"t{i}", "messages": [{"role": "user", "content": f"hi {i}"}]}
+            for i in range(4)]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    corpus = build_corpus(DataConfig(sources=(str(tmp_path / "x.py"),)), tok.encode, 2)
+    assert corpus.tokens.tolist() == tok.encode("def f(x):\n    return x + 1\n") + [2]
+    corpus = build_corpus(DataConfig(sources=(str(tmp_path / "t.jsonl"),), holdout=2),
+                          tok.encode, 2)
+    assert corpus.held_out == ["t0", "t1"] and corpus.documents == 2
+    text = tok.decode(corpus.tokens.tolist())
+    assert "hi 2" in text and "hi 3" in text and "hi 0" not in text and "hi 1" not in text
