@@ -68,7 +68,9 @@ class Engine:
         tree = drafter.propose(history, self.max_tree_nodes) if drafter else None
         if tree is None or len(tree) == 1:
             tree = DraftTree.chain(history[-1], [])
-        tree = tree.pruned(max_depth)
+        # Never verify past the context limit: the tree needs one slot per node.
+        room = self.runner.cfg.context_limit - seq.num_tokens
+        tree = tree.pruned(max_depth).truncated(room)
         logits = self.runner.verify(seq, tree)  # [n, vocab]: the target at every node
         acc = verify(tree, logits, params, gen)
         self.runner.commit(seq, acc.path)
@@ -94,6 +96,9 @@ class Engine:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("generation cancelled")
             remaining = params.max_tokens - len(stopper.token_ids)
+            if seq.num_tokens >= self.runner.cfg.context_limit:
+                stopper.finish_reason = "length"  # the context is full: stop, don't fail
+                break
             emitted, drafted = self.step(seq, history, drafter, params, gen, remaining - 1)
             stats.steps += 1
             stats.drafted_tokens += drafted

@@ -99,14 +99,15 @@ def _draw_from(probs: torch.Tensor, u: float) -> int:
     return idx
 
 
-def _first_pass(tree: DraftTree, probs: torch.Tensor) -> tuple[list[float], list[float]]:
-    """p[parent(c), tok(c)] and q_c[tok(c)] for every node c, fetched with one device sync.
+def _first_pass(tree: DraftTree, probs: torch.Tensor,
+                uniforms: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
+    """p[parent(c), tok(c)], q_c[tok(c)] for every node c, and the uniforms: one device sync.
 
     These are all the scalars the walk needs while nothing is rejected (the common case). Each
     distinct draft tensor is gathered once, so i.i.d. siblings sharing a q cost nothing extra.
     """
     n, vocab = probs.shape
-    slot: dict[int, int] = {}  # id(q) -> row in the stacked distinct draft distributions
+    slot: dict[int, int] = {}  # id(q) -> its block in the concatenated distinct drafts
     qs: list[torch.Tensor] = []
     stoch = [i for i in range(1, n) if tree.draft_probs[i] is not None]
     for i in stoch:
@@ -115,15 +116,16 @@ def _first_pass(tree: DraftTree, probs: torch.Tensor) -> tuple[list[float], list
     flat = [tree.parents[i] * vocab + tree.tokens[i] for i in range(1, n)]
     flat += [slot[id(tree.draft_probs[i])] * vocab + tree.tokens[i] for i in stoch]
     index = torch.tensor(flat, dtype=torch.long, device=probs.device)  # [n - 1 + len(stoch)]
-    vals = torch.take(probs, index[: n - 1])  # [n - 1]
+    parts = [torch.take(probs, index[: n - 1])]  # [n - 1]
     if qs:
-        q_mat = torch.stack(qs).to(probs.device, probs.dtype)  # [len(qs), vocab]
-        vals = torch.cat([vals, torch.take(q_mat, index[n - 1:])])
-    both = vals.tolist()
+        q_flat = torch.cat(qs).to(probs.device, probs.dtype)  # [len(qs) * vocab]
+        parts.append(torch.take(q_flat, index[n - 1:]))  # [len(stoch)]
+    parts = [x.double() for x in parts] + [uniforms.to(probs.device)]
+    both = torch.cat(parts).tolist()
     q_tok = [1.0] * n
     for j, i in enumerate(stoch):
         q_tok[i] = both[n - 1 + j]
-    return [0.0, *both[: n - 1]], q_tok
+    return [0.0, *both[: n - 1]], q_tok, both[n - 1 + len(stoch):]
 
 
 def _residual(r: torch.Tensor, m: float, tree: DraftTree, child: int) -> torch.Tensor:
@@ -173,14 +175,14 @@ def verify_sampling(tree: DraftTree, target_probs: torch.Tensor,
     target_probs: [n, vocab] float32, row i = target distribution after node i (already through
     temperature / top-k / top-p). Uniforms come from `generator` (seeded => reproducible); they
     are drawn up front, one per node plus one for the bonus. Device syncs: one for the scalars of
-    the whole tree, one per rejected child, one for the bonus draw.
+    the whole tree and the uniforms, one per rejected child, one for the bonus draw.
     """
     _check_rows(tree, target_probs, "target_probs")
     n = len(tree)
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    uniforms = torch.rand(n + 1, generator=generator, device=gen_device,
-                          dtype=torch.float64).tolist()
-    p_tok, q_tok = _first_pass(tree, target_probs)  # p_tok[c] = p_parent[x_c], q_tok[c] = q_c[x_c]
+    u = torch.rand(n + 1, generator=generator, device=gen_device, dtype=torch.float64)  # [n + 1]
+    # p_tok[c] = p_parent(c)[x_c] (the target), q_tok[c] = q_c[x_c] (the draft), u[c] per node.
+    p_tok, q_tok, uniforms = _first_pass(tree, target_probs, u)
     path, node = [0], 0
     while True:
         child, dist = _try_children(tree, node, target_probs[node], uniforms, p_tok, q_tok)

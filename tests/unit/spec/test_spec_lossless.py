@@ -126,3 +126,15 @@ def test_smollm2_stop_inside_accepted_run(smollm2):
         a = run(smollm2, ids, "none", SamplingParams(max_tokens=30, stop=(text_stop,)))
         b = run(smollm2, ids, "suffix", SamplingParams(max_tokens=30, stop=(text_stop,)))
         assert a.text == b.text and a.token_ids == b.token_ids
+
+
+@pytest.mark.parametrize("draft", ["none", "suffix", "self"])
+def test_generation_stops_at_the_context_limit(tiny, draft):
+    """Drafting near the limit never overflows it; output ends with `length` at the limit."""
+    limit = tiny.runner.cfg.context_limit
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, limit - 6, seed=11)
+    plain = run(tiny, ids, "none", SamplingParams(max_tokens=50))
+    got = run(tiny, ids, draft, SamplingParams(max_tokens=50), DraftOptions(window=64, depth=4))
+    assert got.token_ids == plain.token_ids
+    assert got.finish_reason == plain.finish_reason == "length"
+    assert len(ids) - 1 + len(got.token_ids) == limit

@@ -88,22 +88,34 @@ def test_greedy_matches_plain_greedy_decoding_on_random_trees() -> None:
 
     def logits_of(ctx: tuple[int, ...]) -> torch.Tensor:
         if ctx not in table:
-            table[ctx] = torch.randn(vocab, generator=torch.Generator().manual_seed(hash(ctx) % 2**31))
+            gen = torch.Generator().manual_seed(hash(ctx) % 2**62)
+            table[ctx] = torch.randn(vocab, generator=gen)
         return table[ctx]
 
+    def greedy_decode(ctx: tuple[int, ...], steps: int) -> list[int]:
+        out = []
+        for _ in range(steps):  # plain greedy decoding, one token at a time
+            out.append(int(logits_of(ctx).argmax()))
+            ctx = (*ctx, out[-1])
+        return out
+
+    accepted = []
     for _ in range(300):
-        paths = [[rng.randrange(vocab) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(1, 4))]
-        tree = DraftTree.from_paths(rng.randrange(vocab), paths)
+        root = rng.randrange(vocab)
+        paths = [[rng.randrange(vocab) for _ in range(rng.randint(1, 4))]
+                 for _ in range(rng.randint(1, 3))]
+        good = greedy_decode((root,), rng.randint(1, 4))  # a path that is (partly) right
+        good[rng.randrange(len(good))] = rng.randrange(vocab)
+        paths.insert(rng.randrange(len(paths) + 1), good)
+        tree = DraftTree.from_paths(root, paths)
         ctxs = [tuple(tree.tokens[i] for i in tree.path_to(j)) for j in range(len(tree))]
         acc = verify_greedy(tree, torch.stack([logits_of(c) for c in ctxs]))
-        ctx, plain = (tree.tokens[0],), []
-        for _ in range(acc.num_accepted + 1):  # plain greedy decoding, one token at a time
-            plain.append(int(logits_of(ctx).argmax()))
-            ctx = (*ctx, plain[-1])
-        assert acc.emitted == plain
-        assert [tree.tokens[i] for i in acc.path] == [tree.tokens[0], *acc.tokens]
+        assert acc.emitted == greedy_decode((root,), acc.num_accepted + 1)
+        assert [tree.tokens[i] for i in acc.path] == [root, *acc.tokens]
         assert all(tree.parents[b] == a for a, b in zip(acc.path, acc.path[1:]))
         assert acc.bonus not in [tree.tokens[c] for c in tree.children[acc.path[-1]]]
+        accepted.append(acc.num_accepted)
+    assert sum(a >= 2 for a in accepted) >= 30, "the property was barely exercised"
 
 
 def test_verify_dispatches_on_params() -> None:
@@ -130,62 +142,70 @@ class Toy:
     """A toy target and draft: fixed random distributions per context, in tables.
 
     A context is the path of tokens after the root (root token 0); its row is numbered like a
-    V-ary heap: ctx(root) = 0, ctx(child) = ctx(parent) * V + token + 1.
+    V-ary heap: ctx(root) = 0, ctx(child) = ctx(parent) * V + token + 1. `drafts[d]` names the
+    draft distribution q used at contexts of depth d (i.e. for the nodes at depth d + 1).
     """
 
-    def __init__(self, seed: int, draft: str, depth: int) -> None:
-        num_ctx = (V ** (depth + 1) - 1) // (V - 1)
+    def __init__(self, seed: int, drafts: tuple[str, ...]) -> None:
+        num_ctx = (V ** (len(drafts) + 1) - 1) // (V - 1)
         g = torch.Generator().manual_seed(seed)
         w = 0.25 + torch.rand(num_ctx, V, generator=g)  # no tiny masses: chi-square stays valid
         w.scatter_(1, torch.rand(num_ctx, V, generator=g).argsort(-1)[:, :2], 0.0)
         self.p = w / w.sum(-1, keepdim=True)  # [num_ctx, V] target; 2 zero tokens per context
         # Deterministic candidates: a random order with a supported token first (so that
-        # deterministic chains are sometimes accepted); the others may be outside p's support.
+        # deterministic drafts are sometimes accepted); the others may be outside p's support.
         key = torch.rand(num_ctx, V, generator=g)
         key.scatter_(1, (key * (w > 0)).argmax(-1, keepdim=True), -1.0)
-        self.order = key.argsort(-1)
-        if draft == "same":
-            self.q = self.p.clone()  # equal values, another tensor
-        elif draft == "disjoint":
-            self.q = (self.p == 0).float() / 2.0
-        else:
-            self.q = torch.softmax(2.0 * torch.randn(num_ctx, V, generator=g), -1)
+        self.order = key.argsort(-1)  # [num_ctx, V]
+        rand = torch.softmax(2.0 * torch.randn(num_ctx, V, generator=g), -1)
+        kinds = {
+            "same": self.p.clone(),  # equal values, another tensor
+            "near": 0.8 * self.p + 0.2 * rand,  # small residuals: rejections are rare
+            "disjoint": (self.p == 0).float() / 2.0,
+            "random": rand,
+        }
+        self.q = torch.empty(num_ctx, V)
+        for d, kind in enumerate(drafts):
+            lo, hi = (V ** d - 1) // (V - 1), (V ** (d + 1) - 1) // (V - 1)
+            self.q[lo:hi] = kinds[kind][lo:hi]
         self.q_rows = list(self.q.unbind(0))  # [V] each; siblings share their parent's row
 
 
-def template(shape: list[int]) -> tuple[list[int], list[int]]:
-    """Parents and sibling index of a tree with shape[d] children per node at depth d (BFS)."""
-    parents, sib, frontier = [-1], [0], [0]
-    for k in shape:
+def template(shape: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """Parents, depth and sibling index of a tree with shape[d] children per depth-d node."""
+    parents, depth, sib, frontier = [-1], [0], [0], [0]
+    for d, k in enumerate(shape):
         nxt = []
         for node in frontier:
             for s in range(k):
                 nxt.append(len(parents))
                 parents.append(node)
+                depth.append(d + 1)
                 sib.append(s)
         frontier = nxt
-    return parents, sib
+    return parents, depth, sib
 
 
-def draw_trees(toy: Toy, shape: list[int], mode: str, draws: int,
+def draw_trees(toy: Toy, shape: list[int], modes: tuple[str, ...], draws: int,
                gen: torch.Generator) -> tuple[list[DraftTree], torch.Tensor]:
     """`draws` draft trees and their context ids ([draws, n]), sampled in a vectorised way.
 
-    mode: "iid" (k i.i.d. samples from q, duplicates kept), "det" (k distinct fixed tokens,
-    draft_probs None), "mixed" (a fixed token twice, then k - 2 i.i.d. samples from q).
+    modes[d] says how the children of depth-d nodes are drafted: "iid" (k i.i.d. samples from
+    q, duplicates kept), "det" (k distinct fixed tokens, draft_probs None), "mixed" (a fixed
+    token twice, then k - 2 i.i.d. samples from q).
     """
-    parents, sib = template(shape)
+    parents, depth, sib = template(shape)
     n = len(parents)
     ctx = torch.zeros(draws, n, dtype=torch.long)
     tok = torch.zeros(draws, n, dtype=torch.long)
-    stochastic = [i > 0 and (mode == "iid" or (mode == "mixed" and sib[i] > 1)) for i in range(n)]
+    mode = [""] + [modes[depth[i] - 1] for i in range(1, n)]
+    stochastic = [m == "iid" or (m == "mixed" and sib[i] > 1) for i, m in enumerate(mode)]
     for i in range(1, n):
         pc = ctx[:, parents[i]]
         if stochastic[i]:
             t = torch.multinomial(toy.q[pc], 1, generator=gen).squeeze(1)
         else:
-            col = sib[i] if mode == "det" else 0
-            t = toy.order[pc, col]
+            t = toy.order[pc, sib[i] if mode[i] == "det" else 0]
         tok[:, i], ctx[:, i] = t, pc * V + t + 1
     trees = []
     for toks, cs in zip(tok.tolist(), ctx.tolist()):
@@ -232,10 +252,10 @@ def emitted_stats(outs: list[list[int]], p_first: list[float],
 Verifier = Callable[[DraftTree, torch.Tensor, torch.Generator], list[int]]
 
 
-def run_toy(toy: Toy, shape: list[int], mode: str, verifier: Verifier, seed: int,
+def run_toy(toy: Toy, shape: list[int], modes: tuple[str, ...], verifier: Verifier, seed: int,
             draws: int = DRAWS) -> tuple[float, float, float, float]:
     gen = torch.Generator().manual_seed(seed)
-    trees, ctx = draw_trees(toy, shape, mode, draws, gen)
+    trees, ctx = draw_trees(toy, shape, modes, draws, gen)
     rows = toy.p[ctx]  # [draws, n, V] target rows of every node
     with torch.inference_mode():
         outs = [verifier(tree, rows[i], gen) for i, tree in enumerate(trees)]
@@ -247,72 +267,68 @@ def _real(tree: DraftTree, probs: torch.Tensor, gen: torch.Generator) -> list[in
     return verify_sampling(tree, probs, gen).emitted
 
 
-CASES = [  # (tree shape, draft distribution, how siblings are drafted)
-    ([1, 1], "random", "iid"),             # chain, q random (full support, p has zeros)
-    ([1, 1], "same", "iid"),               # chain, q == p
-    ([1, 1], "disjoint", "iid"),           # chain, q's support disjoint from p's
-    ([1, 1], "random", "det"),             # chain, one-hot drafts (draft_probs None)
-    ([3, 2], "random", "iid"),             # 3 then 2 i.i.d. siblings, duplicates kept
-    ([2, 2], "disjoint", "iid"),           # i.i.d. siblings, all rejected
-    ([3, 2], "random", "det"),             # distinct deterministic siblings
-    ([4, 1], "random", "mixed"),           # fixed token, its duplicate, then 2 i.i.d. samples
+# (tree shape, draft distribution per depth, drafting mode per depth). The first emitted token
+# checks the depth-1 drafts; the second, given an accepted first, checks the depth-2 drafts.
+CASES = [
+    ([1, 1], ("random", "disjoint"), ("iid", "iid")),  # chain: q random, then q disjoint from p
+    ([1, 1], ("same", "near"), ("iid", "iid")),        # chain: q == p, then q close to p
+    ([1, 1], ("random", "random"), ("det", "iid")),    # chain: one-hot, then q random
+    ([3, 2], ("random", "disjoint"), ("iid", "iid")),  # i.i.d. siblings (duplicates kept)
+    ([3, 2], ("random", "random"), ("det", "det")),    # distinct deterministic siblings
+    ([4, 1], ("random", "same"), ("mixed", "iid")),    # fixed, its duplicate, 2 i.i.d.; q == p
 ]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_sampling_is_lossless(case: int) -> None:
-    shape, draft, mode = CASES[case]
-    toy = Toy(seed=case, draft=draft, depth=len(shape))
-    s1, c1, s2, c2 = run_toy(toy, shape, mode, _real, seed=1000 + case)
+    shape, drafts, modes = CASES[case]
+    s1, c1, s2, c2 = run_toy(Toy(case, drafts), shape, modes, _real, seed=1000 + case)
     assert s1 < c1, f"first token: chi2 {s1:.1f} >= {c1:.1f}"
     assert s2 < c2, f"second token: chi2 {s2:.1f} >= {c2:.1f}"
-    if draft in ("same", "random") and mode == "iid":
-        assert c2 < math.inf, "the second-token check saw too few accepted drafts"
+    assert c2 < math.inf, "the second-token check saw too few accepted drafts"
 
 
 # ----------------------------------------------------------------------------- negative controls
 
-def _wrong_no_ratio(tree: DraftTree, probs: torch.Tensor, gen: torch.Generator) -> list[int]:
-    """Bug: accept a draft whenever the target allows it (p[x] > 0), ignoring min(1, p/q)."""
-    rows, out, node = probs.tolist(), [], 0
-    while True:
-        nxt = next((c for c in tree.children[node] if rows[node][tree.tokens[c]] > 0), None)
-        if nxt is None:
-            return [*out, int(sample(probs[node:node + 1], gen))]
-        out.append(tree.tokens[nxt])
-        node = nxt
+def _wrong(bug: str, seed: int) -> Verifier:
+    """A deliberately wrong verifier in plain Python (its own RNG; `gen` is unused).
+
+    "no_ratio": accept a draft whenever the target allows it (p[x] > 0), ignoring min(1, p/q).
+    "no_residual": the right acceptance rule, but a rejection keeps p instead of max(p - q, 0).
+    """
+    rng = random.Random(seed)
+
+    def run(tree: DraftTree, probs: torch.Tensor, gen: torch.Generator) -> list[int]:
+        rows, out, node = probs.tolist(), [], 0
+        while True:
+            p, nxt = rows[node], None
+            for c in tree.children[node]:
+                q, x = tree.draft_probs[c], tree.tokens[c]
+                ratio = 1.0 if bug == "no_ratio" else p[x] / (1.0 if q is None else float(q[x]))
+                if p[x] > 0 and rng.random() < ratio:
+                    nxt = c
+                    break
+            if nxt is None:
+                return [*out, rng.choices(range(V), weights=p)[0]]
+            out.append(tree.tokens[nxt])
+            node = nxt
+
+    return run
 
 
-def _wrong_no_residual(tree: DraftTree, probs: torch.Tensor, gen: torch.Generator) -> list[int]:
-    """Bug: the right acceptance rule, but after a rejection it keeps p instead of max(p - q, 0)."""
-    rows, out, node = probs.tolist(), [], 0
-    while True:
-        nxt = None
-        for c in tree.children[node]:
-            q, x = tree.draft_probs[c], tree.tokens[c]
-            if float(torch.rand((), generator=gen)) * (1.0 if q is None else float(q[x])) < rows[node][x]:
-                nxt = c
-                break
-        if nxt is None:
-            return [*out, int(sample(probs[node:node + 1], gen))]
-        out.append(tree.tokens[nxt])
-        node = nxt
-
-
-@pytest.mark.parametrize("wrong,case", [(_wrong_no_ratio, 0), (_wrong_no_residual, 0),
-                                        (_wrong_no_residual, 3), (_wrong_no_residual, 4)])
-def test_wrong_verifiers_fail_the_same_check(wrong: Verifier, case: int) -> None:
-    shape, draft, mode = CASES[case]
-    toy = Toy(seed=case, draft=draft, depth=len(shape))
-    s1, c1, s2, c2 = run_toy(toy, shape, mode, wrong, seed=1000 + case)
+@pytest.mark.parametrize("bug,case", [("no_ratio", 0), ("no_residual", 0), ("no_residual", 2),
+                                      ("no_residual", 3)])
+def test_wrong_verifiers_fail_the_same_check(bug: str, case: int) -> None:
+    shape, drafts, modes = CASES[case]
+    s1, c1, s2, c2 = run_toy(Toy(case, drafts), shape, modes, _wrong(bug, case), seed=1000 + case)
     assert s1 >= c1 or s2 >= c2, f"no power: chi2 {s1:.1f} < {c1:.1f} and {s2:.1f} < {c2:.1f}"
 
 
 # ----------------------------------------------------------------------------- edge cases
 
 def test_seeded_repeatability_and_valid_paths() -> None:
-    toy = Toy(seed=7, draft="random", depth=2)
-    trees, ctx = draw_trees(toy, [3, 2], "mixed", 300, torch.Generator().manual_seed(0))
+    toy = Toy(7, ("random", "random"))
+    trees, ctx = draw_trees(toy, [3, 2], ("mixed", "iid"), 300, torch.Generator().manual_seed(0))
     rows = toy.p[ctx]
 
     def run(seed: int) -> list[Acceptance]:
@@ -336,8 +352,8 @@ def test_seeded_repeatability_and_valid_paths() -> None:
 
 def test_one_hot_tensor_draft_equals_deterministic_draft() -> None:
     """A draft given as an explicit one-hot q must behave exactly like draft_probs None."""
-    toy = Toy(seed=3, draft="random", depth=2)
-    trees, ctx = draw_trees(toy, [3, 2], "det", 300, torch.Generator().manual_seed(0))
+    toy = Toy(3, ("random", "random"))
+    trees, ctx = draw_trees(toy, [3, 2], ("det", "det"), 300, torch.Generator().manual_seed(0))
     rows = toy.p[ctx]
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     for tree, r in zip(trees, rows):
@@ -345,6 +361,16 @@ def test_one_hot_tensor_draft_equals_deterministic_draft() -> None:
                            for t in tree.tokens[1:]]
         as_tensor = DraftTree(tokens=tree.tokens, parents=tree.parents, draft_probs=onehot)
         assert verify_sampling(as_tensor, r, g1) == verify_sampling(tree, r, g2)
+
+
+def test_sampling_root_only_tree_draws_the_bonus_from_the_root() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0]])
+    seen = set()
+    for seed in range(50):
+        acc = verify_sampling(DraftTree.chain(3, []), probs, torch.Generator().manual_seed(seed))
+        assert acc.path == [0] and acc.tokens == []
+        seen.add(acc.bonus)
+    assert seen == {1, 2}
 
 
 def test_degenerate_residual_accepts_instead_of_sampling_noise() -> None:
@@ -409,12 +435,12 @@ def _reference_probs(logits: list[float], params: SamplingParams) -> list[float]
 def test_top_k_top_p_match_plain_sampling() -> None:
     params = SamplingParams(temperature=0.8, top_k=4, top_p=0.8)
     draws = 50_000
-    toy = Toy(seed=11, draft="random", depth=2)  # only its drafts q are used here
+    toy = Toy(11, ("random", "random"))  # only its drafts q are used here
     table = torch.randn(toy.q.shape[0], V, generator=torch.Generator().manual_seed(5)) * 1.5
     ref = [_reference_probs(row, params) for row in table.tolist()]
     assert torch.allclose(target_probs(table, params), torch.tensor(ref), atol=1e-5)
     gen = torch.Generator().manual_seed(99)
-    trees, ctx = draw_trees(toy, [1, 1], "iid", draws, gen)
+    trees, ctx = draw_trees(toy, [1, 1], ("iid", "iid"), draws, gen)
     logits = table[ctx]  # [draws, n, V]
     with torch.inference_mode():
         outs = [verify(tree, logits[i], params, gen).emitted for i, tree in enumerate(trees)]

@@ -1,0 +1,37 @@
+"""Building the real session backend: load the model, open the store, wire the SessionManager.
+
+`lsrt serve` and `lsrt chat` call `build_backend`; nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from lsrt.runtime.llm import LLM
+from lsrt.runtime.runner import RunnerConfig
+from lsrt.runtime.session_manager import SessionManager
+from lsrt.sessions.embedded import open_store
+
+
+def build_backend(*, model: str = "smollm2-135m", device: str = "cpu", dtype: str | None = None,
+                  draft: str | None = None, redis_url: str | None = None,
+                  data_dir: str | Path | None = None, kv_budget_mb: int | None = None,
+                  progress: bool = True) -> tuple[SessionManager, Callable[[], None]]:
+    """(manager, closer): the model loaded on `device`, sessions in Redis at `redis_url` (else
+    the embedded server under `data_dir`). Call closer() once to close the store."""
+    fields: dict = {"device": device}
+    if dtype is not None:
+        fields["dtype"] = dtype
+    elif device != "cpu":
+        fields["dtype"] = "bfloat16"  # float32 is for CPU exactness; GPUs run bf16
+    if kv_budget_mb is not None:
+        fields["kv_budget_mb"] = kv_budget_mb
+    llm = LLM.load(model, RunnerConfig(**fields), progress=progress)
+    store, closer = open_store(redis_url, Path(data_dir) if data_dir is not None else None)
+    try:
+        manager = SessionManager(llm, store, default_draft=draft or "suffix")
+    except BaseException:
+        closer()
+        raise
+    return manager, closer
