@@ -294,7 +294,7 @@ def register_sessions(sub: Any) -> None:
     fork = ssub.add_parser("fork")
     fork.add_argument("name")
     fork.add_argument("new_name", metavar="NEW")
-    fork.add_argument("--at-turn", type=int, default=None, help="keep the first K turns")
+    fork.add_argument("--at-turn", type=int, default=None, help="fork as the session was right after turn K (0-based)")
     for q in (*parsers, show, rm, fork):
         q.add_argument("--json", action="store_true")
         _add_client_args(q)

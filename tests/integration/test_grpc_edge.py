@@ -120,8 +120,8 @@ class EchoBackend:
 
     def fork_session(self, name: str, new_name: str, at_turn: int | None) -> SessionInfo:
         src = self._state(name).info
-        turns = tuple(src.turns if at_turn is None else src.turns[:at_turn])
-        if at_turn is not None and at_turn > len(src.turns):
+        turns = tuple(src.turns if at_turn is None else src.turns[:at_turn + 1])
+        if at_turn is not None and at_turn >= len(src.turns):
             raise InvalidRequest(f"at_turn {at_turn} > {len(src.turns)} turns")
         info = dataclasses.replace(src, name=new_name, parent=name, turns=turns,
                                    num_tokens=turns[-1].end if turns else 0)  # fmt: skip
@@ -297,7 +297,7 @@ def test_session_lifecycle(client: Client) -> None:
     assert info.version == 1 and info.num_tokens == info.turns[-1].end
     listed = client.list_sessions(prefix=name)
     assert [s.name for s in listed] == [name] and listed[0].turns == ()  # turns only via GetSession
-    fork = client.session(name).fork(name + "-f", at_turn=2)
+    fork = client.session(name).fork(name + "-f", at_turn=1)  # right after turn 1
     finfo = fork.info()
     assert finfo.parent == name and [t.role for t in finfo.turns] == ["system", "user"]
     assert client.delete_session(name) is True
