@@ -105,3 +105,23 @@ def test_cli_errors_are_one_line(args, needle, smollm2_dir, tmp_path):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("lsrt: error")]
     assert len(lines) == 1 and needle in lines[0].lower(), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_smollm2_logits_match_transformers(smollm2_dir, hf_smollm2):
+    """Multi-chunk prefill then decode steps: logits within 1e-4 of transformers (fp32)."""
+    from lsrt.runtime.model import load_model
+    from lsrt.runtime.runner import ModelRunner, RunnerConfig
+    from lsrt.runtime.spec.tree import DraftTree
+
+    runner = ModelRunner(load_model(smollm2_dir), RunnerConfig(prefill_chunk=96,
+                                                               kv_budget_mb=256))
+    ids = torch.randint(5, 49000, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        ref = hf_smollm2(torch.tensor([ids])).logits[0].float()
+    seq = runner.new_sequence()
+    last = runner.prefill(seq, ids[:296], want_logits=True)  # 4 chunks
+    assert (last - ref[295]).abs().max() < 1e-4
+    for pos in range(296, 300):
+        out = runner.verify(seq, DraftTree.chain(ids[pos], []))[0]
+        runner.commit(seq, [0])
+        assert (out - ref[pos]).abs().max() < 1e-4, pos
