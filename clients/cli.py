@@ -78,7 +78,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    done = llm.generate(ids, params, draft=args.draft, on_text=None if args.json else stream)
+    done = llm.generate(ids, params, draft=args.draft, on_text=None if args.json else stream,
+                        draft_options=draft_options_from_args(args))
     g = done.generation
     if args.json:
         out = {"text": g.text, "token_ids": g.token_ids, "prompt_tokens": done.prompt_tokens,
@@ -90,6 +91,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write("\n")
     return 0
+
+
+def draft_options_from_args(args: argparse.Namespace):
+    from lsrt.runtime.spec.drafters import DraftOptions
+
+    try:
+        widths = tuple(int(w) for w in args.tree.split(",")) if args.tree else ()
+    except ValueError:
+        raise _usage(f"--tree takes comma-separated widths like 4,16,16, got {args.tree!r}")
+    return DraftOptions(sink=args.draft_sink, window=args.draft_window, depth=args.draft_depth,
+                        widths=widths)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -142,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system")
     g.add_argument("--draft", default="none", help="none | suffix | self | model:NAME | "
                    "longspec[:PATH] | auto (default: none)")
+    g.add_argument("--draft-sink", type=int, default=4, help="draft cache sink tokens")
+    g.add_argument("--draft-window", type=int, default=1020, help="draft cache window tokens")
+    g.add_argument("--draft-depth", type=int, default=4, help="chain length (self, model)")
+    g.add_argument("--tree", default=None, help="longspec tree widths per depth, e.g. 4,16,16")
     g.add_argument("--json", action="store_true")
     _add_sampling_args(g)
     g.set_defaults(func=cmd_generate)

@@ -14,6 +14,14 @@ from lsrt.runtime.session_manager import SessionManager
 from lsrt.sessions.embedded import open_store
 
 
+def default_draft(model: str) -> str:
+    """The session drafter when none is asked for: suffix matching plus a drafter that keeps a
+    constant-size cache — the 0.5B model for the Qwen 1.5B target, `self` otherwise."""
+    if model == "qwen2.5-coder-1.5b":
+        return "auto:qwen2.5-coder-0.5b"
+    return "auto"
+
+
 def build_backend(*, model: str = "smollm2-135m", device: str = "cpu", dtype: str | None = None,
                   draft: str | None = None, redis_url: str | None = None,
                   data_dir: str | Path | None = None, kv_budget_mb: int | None = None,
@@ -30,7 +38,7 @@ def build_backend(*, model: str = "smollm2-135m", device: str = "cpu", dtype: st
     llm = LLM.load(model, RunnerConfig(**fields), progress=progress)
     store, closer = open_store(redis_url, Path(data_dir) if data_dir is not None else None)
     try:
-        manager = SessionManager(llm, store, default_draft=draft or "suffix")
+        manager = SessionManager(llm, store, default_draft=draft or default_draft(model))
     except BaseException:
         closer()
         raise

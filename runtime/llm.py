@@ -17,7 +17,7 @@ from lsrt.runtime.errors import InvalidRequest
 from lsrt.runtime.model import DecoderModel, load_model, read_generation_eos
 from lsrt.runtime.runner import ModelRunner, RunnerConfig
 from lsrt.runtime.sampling import SamplingParams
-from lsrt.runtime.spec.drafters import make_drafter
+from lsrt.runtime.spec.drafters import DraftOptions, make_drafter
 from lsrt.runtime.spec.engine import Engine, Generation
 from lsrt.runtime.tokenizer import Tokenizer
 
@@ -93,7 +93,8 @@ class LLM:
         return ids
 
     def generate(self, prompt_ids: list[int], params: SamplingParams, *, draft: str = "none",
-                 on_text: Callable[[str, list[int]], None] | None = None) -> Completion:
+                 on_text: Callable[[str, list[int]], None] | None = None,
+                 draft_options: DraftOptions | None = None) -> Completion:
         """Stateless generation: prefill `prompt_ids`, decode, free the KV."""
         self.runner.check_context(len(prompt_ids) + 1)
         seq = self.runner.new_sequence()
@@ -101,7 +102,7 @@ class LLM:
             t0 = time.perf_counter()
             self.runner.prefill(seq, prompt_ids[:-1])
             prefill_s = time.perf_counter() - t0
-            drafter = make_drafter(draft, self)
+            drafter = make_drafter(draft, self, draft_options)
             history = list(prompt_ids)
             if drafter is not None:
                 drafter.observe(history)

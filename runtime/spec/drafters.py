@@ -28,11 +28,14 @@ DRAFT_KINDS = ("none", "suffix", "self", "model:NAME", "longspec[:PATH]", "auto"
 class DraftOptions:
     sink: int = 4
     window: int = 1020
-    depth: int = 4
+    depth: int = 4  # chain length of the self / model drafters
+    widths: tuple[int, ...] = ()  # longspec tree: nodes per depth (empty: its default)
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1 or self.depth < 1:
             raise InvalidRequest("draft sink must be >= 0, window >= 1, depth >= 1")
+        if any(w < 1 for w in self.widths):
+            raise InvalidRequest(f"tree widths must be positive, got {list(self.widths)}")
 
 
 def make_drafter(spec: str, llm: "LLM", options: DraftOptions | None = None) -> Drafter | None:
@@ -54,7 +57,8 @@ def make_drafter(spec: str, llm: "LLM", options: DraftOptions | None = None) -> 
     if kind == "longspec":
         from lsrt.runtime.spec.longspec import make_longspec_drafter
 
-        return make_longspec_drafter(llm.runner, arg or None)
+        extra = {"widths": opts.widths} if opts.widths else {}
+        return make_longspec_drafter(llm.runner, arg or None, **extra)
     if kind == "auto":
         from lsrt.runtime.spec.auto import AutoDrafter
         from lsrt.runtime.spec.self_draft import SelfDrafter
