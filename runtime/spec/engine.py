@@ -55,7 +55,7 @@ class Generation:
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: tuple[int, ...],
-                 max_tree_nodes: int = 32) -> None:
+                 max_tree_nodes: int = 16) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids

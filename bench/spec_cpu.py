@@ -1,0 +1,307 @@
+"""Replay real agent traces with every drafter; print speedups over plain decoding and over
+transformers' `generate` (plain, prompt lookup, assistant model), same turns, same run.
+
+    python bench/spec_cpu.py [--model smollm2-135m] [--traces FILE ...] [--max-traces 3]
+        [--turns-per-trace 3] [--max-new 48] [--max-context 6144] [--max-chars 6000]
+        [--configs none suffix self auto] [--hf plain lookup assisted] [--draft-model NAME]
+        [--profile CONFIG]
+
+Each trace is one session: lsrt keeps one KV sequence per (trace, config) that grows turn by
+turn (only the new tokens of a turn are prefilled, as the session manager does); the history
+is the recorded conversation, not what the model generated. Per turn: `--max-new` tokens,
+greedy, float32, EOS disabled for every engine so all generate the same number of tokens.
+Turns are interleaved across configurations so load drift on a shared machine hits all alike.
+
+Decode tokens/s excludes prefill for every engine and is a *total* (sum of tokens / sum of
+decode seconds over all turns). lsrt: `Generation.decode_s` (from the step on the pending prompt
+token). transformers: from the first streamed token to the end (the first step is its prefill).
+Exit status 1 if any speculative configuration's tokens differ from lsrt `none` (MISMATCH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from traces import TRACES_DIR, ReplayTurn, advance, load_traces, replay_turns  # noqa: E402
+
+HF_KINDS = ("plain", "lookup", "assisted")
+
+
+@dataclass
+class Tally:
+    """Totals of one configuration over all replayed turns."""
+
+    turns: int = 0
+    new_tokens: int = 0
+    decode_s: float = 0.0
+    steps: int = 0
+    emitted: int = 0
+    drafted: int = 0
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    modes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tps(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+
+class LsrtRun:
+    """One lsrt configuration replaying one trace: a resident sequence and its drafter."""
+
+    def __init__(self, llm, spec: str, options) -> None:
+        from lsrt.runtime.spec.drafters import make_drafter
+
+        self.llm, self.spec = llm, spec
+        self.seq = llm.runner.new_sequence()
+        self.drafter = make_drafter(spec, llm, options)
+        self.history: list[int] = []
+
+    def turn(self, turn: ReplayTurn, max_new: int, tally: Tally, prof: cProfile.Profile | None
+             ) -> list[int]:
+        from lsrt.runtime.sampling import SamplingParams
+
+        keep = advance(self.history, turn.prompt_ids, self.seq.num_tokens)
+        self.seq.truncate(keep)
+        if self.drafter is not None:
+            self.drafter.rollback(keep)
+            self.drafter.observe(self.history[keep:])
+        t0 = time.perf_counter()
+        self.llm.runner.prefill(self.seq, self.history[keep:-1])
+        tally.prefill_s += time.perf_counter() - t0
+        tally.prefill_tokens += len(self.history) - 1 - keep
+        params = SamplingParams(max_tokens=max_new)
+        if prof is not None:
+            prof.enable()
+        gen = self.llm.engine.generate(self.seq, self.history, params, drafter=self.drafter)
+        if prof is not None:
+            prof.disable()
+        tally.turns += 1
+        tally.new_tokens += len(gen.token_ids)
+        tally.decode_s += gen.decode_s
+        tally.steps += gen.stats.steps
+        tally.emitted += gen.stats.emitted_tokens
+        tally.drafted += gen.stats.drafted_tokens
+        for mode, n in getattr(self.drafter, "mode_counts", {}).items():
+            tally.modes[mode] = tally.modes.get(mode, 0) + n
+        if hasattr(self.drafter, "mode_counts"):
+            self.drafter.mode_counts = {k: 0 for k in self.drafter.mode_counts}
+        return list(gen.token_ids)
+
+    def close(self) -> None:
+        self.seq.release()
+
+
+class FirstTokenTimer:
+    """A transformers streamer that notes when the first generated tokens arrive."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.t_first: float | None = None
+        self.first_count = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        self.puts += 1
+        if self.puts == 2:  # the first put is the prompt
+            self.t_first = time.perf_counter()
+            self.first_count = int(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
+def hf_turn(hf, kind: str, ids: list[int], max_new: int, tally: Tally, draft=None) -> list[int]:
+    """One transformers `generate`; decode time counted from the first generated token."""
+    extra = {"plain": {}, "lookup": {"prompt_lookup_num_tokens": 10},
+             "assisted": {"assistant_model": draft}}[kind]
+    timer = FirstTokenTimer()
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
+                          min_new_tokens=0, do_sample=False, streamer=timer, **extra)
+        t1 = time.perf_counter()
+    new = out[0, len(ids):].tolist()
+    if len(new) != max_new:
+        raise RuntimeError(f"transformers {kind} generated {len(new)} tokens, not {max_new}")
+    tally.turns += 1
+    tally.new_tokens += len(new) - timer.first_count
+    tally.decode_s += t1 - timer.t_first
+    tally.prefill_tokens += len(ids)
+    tally.prefill_s += timer.t_first - t0
+    return new
+
+
+def load_hf(model_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                              attn_implementation="sdpa").eval()
+    hf.generation_config.eos_token_id = None  # same token count for every engine
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def table(title: str, tallies: dict[str, Tally]) -> str:
+    base = tallies.get("lsrt none")
+    hf_base = tallies.get("hf plain")
+    lines = [f"#### {title}", "",
+             "| config | turns | new tokens | mean accepted/step | drafted/step | decode tok/s | speedup vs "
+             "lsrt none | speedup vs transformers plain | prefill tokens | prefill s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, t in tallies.items():
+        acc = f"{t.emitted / t.steps:.2f}" if t.steps else "-"
+        drafted = f"{t.drafted / t.steps:.1f}" if t.steps else "-"
+        vs = f"{t.tps / base.tps:.2f}x" if base and base.tps else "-"
+        vs_hf = f"{t.tps / hf_base.tps:.2f}x" if hf_base and hf_base.tps else "-"
+        lines.append(f"| {name} | {t.turns} | {t.new_tokens} | {acc} | {drafted} | {t.tps:.2f} | {vs} | "
+                     f"{vs_hf} | {t.prefill_tokens} | {t.prefill_s:.1f} |")
+    modes = [f"{n}: {t.modes}" for n, t in tallies.items() if t.modes]
+    if modes:
+        lines += ["", "auto mode counts (steps): " + "; ".join(modes)]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--traces", nargs="+", default=[str(TRACES_DIR / "swe_agent_demos.jsonl")])
+    ap.add_argument("--max-traces", type=int, default=3)
+    ap.add_argument("--turns-per-trace", type=int, default=3)
+    ap.add_argument("--max-new", type=int, default=48)
+    ap.add_argument("--max-context", type=int, default=6144, help="prompt token cap per turn")
+    ap.add_argument("--max-chars", type=int, default=6000, help="cap per message")
+    ap.add_argument("--configs", nargs="+", default=None,
+                    help="lsrt drafter specs (default: none suffix self auto, plus "
+                         "model:/auto:<draft-model> when --draft-model is given)")
+    ap.add_argument("--hf", nargs="*", default=None, choices=HF_KINDS,
+                    help="transformers variants (default: plain lookup, plus assisted with "
+                         "--draft-model)")
+    ap.add_argument("--draft-model", default=None)
+    ap.add_argument("--profile", default=None, help="cProfile this lsrt config's decoding")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.configs is None:
+        args.configs = ["none", "suffix", "self", "auto"]
+        if args.draft_model:
+            args.configs += [f"model:{args.draft_model}", f"auto:{args.draft_model}"]
+    if "none" not in args.configs:
+        args.configs.insert(0, "none")
+    if args.hf is None:
+        args.hf = ["plain", "lookup"] + (["assisted"] if args.draft_model else [])
+    if "assisted" in args.hf and not args.draft_model:
+        ap.error("--hf assisted needs --draft-model")
+    return args
+
+
+def warm_up(llm, hf_models: dict, args) -> None:
+    """One short generation per engine so first-call costs are not measured."""
+    from lsrt.runtime.sampling import SamplingParams
+    from lsrt.runtime.spec.drafters import make_drafter
+
+    ids = llm.tokenizer.encode("def f(x):\n    return x + 1\n\ndef f(x):\n")
+    for spec in args.configs:
+        seq = llm.runner.new_sequence()
+        llm.runner.prefill(seq, ids[:-1])
+        drafter = make_drafter(spec, llm)
+        if drafter is not None:
+            drafter.observe(ids)
+        llm.engine.generate(seq, list(ids), SamplingParams(max_tokens=4), drafter=drafter)
+        seq.release()
+    for kind in args.hf:
+        hf_turn(hf_models["target"], kind, ids, 4, Tally(), hf_models.get("draft"))
+
+
+def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
+    from lsrt.runtime.spec.drafters import DraftOptions
+
+    traces = load_traces(path, limit=args.max_traces)
+    names = [f"lsrt {c}" for c in args.configs] + [f"hf {k}" for k in args.hf]
+    tallies = {n: Tally() for n in names}
+    ok = True
+    same_hf = compared_hf = 0
+    for trace in traces:
+        turns = replay_turns(llm.tokenizer, trace, turns=args.turns_per_trace,
+                             max_chars=args.max_chars,
+                             max_prompt_tokens=args.max_context - args.max_new - 1)
+        runs = {c: LsrtRun(llm, c, DraftOptions()) for c in args.configs}
+        try:
+            for turn in turns:
+                out: dict[str, list[int]] = {}
+                for c, run in runs.items():
+                    out[f"lsrt {c}"] = run.turn(turn, args.max_new, tallies[f"lsrt {c}"],
+                                                prof if c == args.profile else None)
+                for k in args.hf:
+                    out[f"hf {k}"] = hf_turn(hf_models["target"], k, turn.prompt_ids,
+                                             args.max_new, tallies[f"hf {k}"],
+                                             hf_models.get("draft"))
+                ref = out["lsrt none"]
+                for c in args.configs:
+                    if out[f"lsrt {c}"] != ref:
+                        ok = False
+                        print(f"MISMATCH {Path(path).name} {trace.id} turn {turn.turn} lsrt {c}"
+                              f": {out[f'lsrt {c}']} vs none {ref}", flush=True)
+                if "hf plain" in out:
+                    compared_hf += 1
+                    same_hf += out["hf plain"] == ref
+                print(f"  {trace.id} turn {turn.turn}: prompt {len(turn.prompt_ids)} tokens "
+                      f"(reuse {turn.reuse})", flush=True)
+        finally:
+            for run in runs.values():
+                run.close()
+    title = f"{llm.name} on {Path(path).name} ({len(traces)} traces)"
+    text = table(title, tallies)
+    if compared_hf:
+        text += (f"\n\nlsrt none == transformers plain greedy on {same_hf}/{compared_hf} turns; "
+                 f"all lsrt configs == lsrt none: {'yes' if ok else 'NO (MISMATCH)'}")
+    return text, ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from lsrt.runtime.llm import LLM
+    from lsrt.runtime.runner import RunnerConfig
+
+    print("command: python " + shlex.join(sys.argv))
+    print(f"load average at start: {os.getloadavg()}; torch threads {torch.get_num_threads()}")
+    llm = LLM.load(args.model, RunnerConfig(kv_budget_mb=3072), progress=False)
+    llm.engine.eos_ids = ()  # benchmark only: every engine generates exactly --max-new tokens
+    hf_models = {}
+    if args.hf:
+        hf_models["target"] = load_hf(llm.model_dir)
+        if args.draft_model:
+            from lsrt.runtime.models import resolve_model
+
+            hf_models["draft"] = load_hf(resolve_model(args.draft_model, progress=False))
+    warm_up(llm, hf_models, args)
+    prof = cProfile.Profile() if args.profile else None
+    all_ok = True
+    t0 = time.perf_counter()
+    for path in args.traces:
+        text, ok = run_file(path, llm, hf_models, args, prof)
+        all_ok &= ok
+        print("\n" + text + "\n", flush=True)
+    print(f"wall {time.perf_counter() - t0:.0f} s; load average at end: {os.getloadavg()}")
+    if prof is not None:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(30)
+        print(f"\ncProfile of lsrt {args.profile} decoding (by tottime):\n{s.getvalue()}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
