@@ -53,6 +53,10 @@ class LLM:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = tuple(sorted(eos))
         self.runner = ModelRunner(model, self.config)
+        if self.config.cuda_graphs and self.config.device.startswith("cuda"):
+            from lsrt.runtime.cuda_graphs import GraphConfig, GraphRunner
+
+            self.runner = GraphRunner(self.runner, GraphConfig(sizes=self.config.graph_sizes))
         self.engine = Engine(self.runner, self.tokenizer, self.eos_ids)
         self._draft_models: dict[str, DecoderModel] = {}
 

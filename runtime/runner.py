@@ -33,8 +33,12 @@ class RunnerConfig:
     block_size: int = 16
     attention: str = "sdpa"  # sdpa | hybrid | triton
     prefill_chunk: int = 512
+    cuda_graphs: bool = True  # CUDA only: decode/verify replay captured graphs (cuda_graphs.py)
+    graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
     def __post_init__(self) -> None:
+        if not self.graph_sizes or min(self.graph_sizes) <= 0:
+            raise ValueError("graph_sizes must be positive")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kv_budget_mb <= 0 or self.block_size <= 0 or self.prefill_chunk <= 0:
