@@ -1,10 +1,11 @@
 """The gRPC edge: a thin grpc.aio servicer over a `SessionBackend`.
 
-Protobuf is converted to domain types here and nowhere below. Turns run in worker threads (the
-backend blocks); their events cross into the event loop through an asyncio queue. Errors are
-status codes from one table (`errors.GRPC_CODES`), raised before the first event for admission
-and lock failures. A client cancel or deadline sets the turn's cancel event and waits for the
-backend to roll back before the handler returns.
+Protobuf is converted to domain types at the edge only (`server_convert`); bearer-token auth is
+an interceptor (`server_auth`). Turns run in worker threads (the backend blocks); their events
+cross into the event loop through an asyncio queue. Errors are status codes from one table
+(`errors.GRPC_CODES`), raised before the first event for admission and lock failures. A client
+cancel or deadline sets the turn's cancel event and waits for the backend to roll back before the
+handler returns.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hmac
-import json
 import logging
 import threading
 import time
@@ -28,239 +27,27 @@ from grpc_reflection.v1alpha import reflection
 
 from lsrt.proto import lsrt_pb2 as pb
 from lsrt.proto import lsrt_pb2_grpc
-from lsrt.runtime.errors import GRPC_CODES, ContextTooLong, InvalidRequest, LsrtError, Unavailable
-from lsrt.runtime.errors import VersionConflict
-from lsrt.runtime.sampling import SamplingParams
-from lsrt.runtime.service_api import SessionBackend, SessionInfo
-from lsrt.runtime.types import Message, TurnDelta, TurnFinished, TurnRequest, TurnStarted
+from lsrt.runtime.errors import LsrtError, Unavailable, VersionConflict
+from lsrt.runtime.server_auth import BearerAuth
+from lsrt.runtime.server_convert import (
+    check_name,
+    create_kwargs,
+    event_pb,
+    fork_at_turn,
+    list_limit,
+    server_info_pb,
+    session_pb,
+    stats_pb,
+    status_for,
+    turn_request,
+)
+from lsrt.runtime.service_api import SessionBackend
+from lsrt.runtime.types import TurnFinished, TurnRequest
 
 log = logging.getLogger("lsrt.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Lsrt"].full_name  # "lsrt.v1.Lsrt"
 _DONE = object()  # queue sentinel: the worker returned or raised
-
-
-MAX_NAME_LEN = 256
-_HEALTH_PREFIX = "/grpc.health.v1.Health/"
-_STATS_FIELDS = (
-    "sessions_total", "sessions_resident", "kv_blocks_used", "kv_blocks_total",
-    "acceptance_rate", "tokens_per_s", "running_turns",
-)  # fmt: skip
-_INFO_FIELDS = ("model", "fingerprint", "device", "dtype", "context_limit")
-
-
-# ---- errors ----
-
-
-def status_for(err: LsrtError) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]]:
-    """The status code for `err` (nearest class in `GRPC_CODES`) and its trailing metadata."""
-    name = next((c.__name__ for c in type(err).__mro__ if c.__name__ in GRPC_CODES), None)
-    code = grpc.StatusCode[GRPC_CODES[name]] if name else grpc.StatusCode.INTERNAL
-    trailers = [("lsrt-error", type(err).__name__)]
-    retry_after = getattr(err, "retry_after_s", None)
-    if retry_after is not None:
-        trailers.append(("retry-after", f"{retry_after:g}"))
-    if isinstance(err, ContextTooLong):
-        trailers += [("lsrt-needed", str(err.needed)), ("lsrt-limit", str(err.limit))]
-    return code, tuple(trailers)
-
-
-class BearerAuth(grpc.aio.ServerInterceptor):
-    """Requires `authorization: Bearer <token>` on every RPC except health checks."""
-
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
-
-    async def intercept_service(self, continuation: Callable, details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(_HEALTH_PREFIX):
-            return handler
-        got = dict(details.invocation_metadata or ()).get("authorization", "")
-        got = got.encode() if isinstance(got, str) else got
-        if hmac.compare_digest(got, self._expected):
-            return handler
-        reason = "invalid bearer token" if got else "missing bearer token"
-        log.info("rpc=%s status=UNAUTHENTICATED reason=%r", details.method, reason)
-        return _denied(handler, reason)
-
-
-def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that fails with UNAUTHENTICATED."""
-
-    async def deny(request: Any, context: Any) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    async def deny_stream(request: Any, context: Any) -> AsyncIterator[None]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-        yield  # pragma: no cover  (makes this an async generator)
-
-    serde = dict(
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny_stream, **serde)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **serde)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny_stream, **serde)
-    return grpc.unary_unary_rpc_method_handler(deny, **serde)
-
-
-# ---- protobuf -> domain (validation at the edge) ----
-
-
-def check_name(name: str, what: str = "session name") -> str:
-    if not name:
-        raise InvalidRequest(f"{what} is empty")
-    if len(name) > MAX_NAME_LEN or not name.isprintable() or any(c.isspace() for c in name):
-        raise InvalidRequest(
-            f"{what} {name[:40]!r} must be <= {MAX_NAME_LEN} printable chars, no spaces"
-        )
-    return name
-
-
-def _json_objects(items: Any, what: str) -> tuple[dict[str, Any], ...]:
-    out = []
-    for item in items:
-        try:
-            value = json.loads(item)
-        except ValueError as err:
-            raise InvalidRequest(f"{what} is not valid JSON: {err}") from None
-        if not isinstance(value, dict):
-            raise InvalidRequest(f"{what} must be a JSON object, got {type(value).__name__}")
-        out.append(value)
-    return tuple(out)
-
-
-def _message(m: pb.Message) -> Message:
-    return Message(
-        role=m.role,
-        content=m.content,
-        tool_calls=_json_objects(m.tool_calls, "a tool call"),
-        tool_call_id=m.tool_call_id,
-        name=m.name,
-    )
-
-
-def _sampling(req: pb.GenerateRequest) -> SamplingParams:
-    s = req.sampling
-    kwargs: dict[str, Any] = {
-        key: getattr(s, key) for key in ("temperature", "top_k", "top_p", "seed") if s.HasField(key)
-    }
-    if req.HasField("max_tokens"):
-        kwargs["max_tokens"] = req.max_tokens
-    return SamplingParams(**kwargs, stop=tuple(req.stop), stop_token_ids=tuple(req.stop_token_ids))
-
-
-def turn_request(req: pb.GenerateRequest | pb.AppendRequest, *, generate: bool) -> TurnRequest:
-    """Validates a Generate/Append request into a `TurnRequest` (InvalidRequest on bad input)."""
-    check_name(req.session)
-    if not req.messages and not generate:
-        raise InvalidRequest("Append needs at least one message")
-    extra: dict[str, Any] = {}
-    if generate:
-        extra = {"sampling": _sampling(req), "draft": req.draft or None}
-    version = req.expected_version if req.HasField("expected_version") else None
-    return TurnRequest(
-        messages=tuple(_message(m) for m in req.messages),
-        full_history=req.full_history,
-        generate=generate,
-        tools=_json_objects(req.tools, "a tool schema"),
-        expected_version=version,
-        request_id=req.request_id,
-        wait=req.wait,
-        **extra,
-    )
-
-
-def create_kwargs(req: pb.CreateSessionRequest) -> dict[str, Any]:
-    check_name(req.name)
-    if req.HasField("ttl_s") and req.ttl_s <= 0:
-        raise InvalidRequest(f"ttl_s must be > 0, got {req.ttl_s}")
-    return {
-        "system": req.system if req.HasField("system") else None,
-        "draft": req.draft or None,
-        "ttl_s": req.ttl_s if req.HasField("ttl_s") else None,
-        "metadata": dict(req.metadata),
-    }
-
-
-def list_limit(limit: int) -> int:
-    if limit < 0:
-        raise InvalidRequest(f"limit must be >= 0, got {limit}")
-    return limit or 1000
-
-
-def fork_at_turn(req: pb.ForkSessionRequest) -> int | None:
-    check_name(req.name)
-    check_name(req.new_name, "new session name")
-    if req.HasField("at_turn") and req.at_turn < 0:
-        raise InvalidRequest(f"at_turn must be >= 0, got {req.at_turn}")
-    return req.at_turn if req.HasField("at_turn") else None
-
-
-# ---- domain -> protobuf ----
-
-
-def _finished_pb(f: TurnFinished, request_id: str) -> pb.TurnFinished:
-    return pb.TurnFinished(
-        session=f.session,
-        version=f.version,
-        finish_reason=f.finish_reason,
-        text=f.text,
-        token_ids=f.token_ids,
-        usage=pb.Usage(**dataclasses.asdict(f.usage)),
-        timings=pb.Timings(**dataclasses.asdict(f.timings)),
-        tool_calls=[json.dumps(call) for call in f.tool_calls],
-        replayed=f.replayed,
-        request_id=request_id,
-    )
-
-
-def event_pb(event: TurnStarted | TurnDelta | TurnFinished, request_id: str) -> pb.GenerateEvent:
-    if isinstance(event, TurnStarted):
-        started = pb.TurnStarted(**dataclasses.asdict(event), request_id=request_id)
-        return pb.GenerateEvent(started=started)
-    if isinstance(event, TurnDelta):
-        return pb.GenerateEvent(delta=pb.TurnDelta(text=event.text, token_ids=event.token_ids))
-    return pb.GenerateEvent(finished=_finished_pb(event, request_id))
-
-
-def session_pb(info: SessionInfo, *, with_turns: bool = True) -> pb.SessionInfo:
-    turns = [pb.TurnInfo(role=t.role, text=t.text, start=t.start, end=t.end) for t in info.turns]
-    return pb.SessionInfo(
-        name=info.name,
-        version=info.version,
-        num_tokens=info.num_tokens,
-        created=info.created,
-        updated=info.updated,
-        parent=info.parent or "",
-        draft=info.draft or "",
-        turns=turns if with_turns else [],
-        usage={k: float(v) for k, v in info.usage.items()},
-        resident=info.resident,
-        metadata={k: str(v) for k, v in info.metadata.items()},
-    )
-
-
-def server_info_pb(info: dict[str, Any]) -> pb.ServerInfo:
-    extra = {k: str(v) for k, v in info.items() if k not in _INFO_FIELDS}
-    known = {k: info[k] for k in _INFO_FIELDS if info.get(k) is not None}
-    return pb.ServerInfo(**known, extra=extra)
-
-
-def stats_pb(stats: dict[str, Any]) -> pb.Stats:
-    known = {k: stats[k] for k in _STATS_FIELDS if stats.get(k) is not None}
-    for key in _STATS_FIELDS:
-        if key in known and key not in ("acceptance_rate", "tokens_per_s"):
-            known[key] = int(known[key])
-    extra = {
-        k: float(v)
-        for k, v in stats.items()
-        if k not in _STATS_FIELDS and isinstance(v, (int, float)) and not isinstance(v, bool)
-    }
-    return pb.Stats(**known, extra=extra)
 
 
 @dataclasses.dataclass

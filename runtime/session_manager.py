@@ -5,7 +5,8 @@ covering a prefix of the stored tokens, the token history, the drafter and an LR
 Before generating, `history[seq.num_tokens:-1]` is prefilled; the last token stays *pending*
 (the engine's precondition). A session that is not resident (never loaded, evicted, restart)
 is rebuilt from its stored tokens. A turn either commits atomically in the store (fenced by the
-version it read) or leaves the store untouched and the resident state rolled back.
+version it read) or leaves the store untouched and the resident state rolled back. Which
+sessions stay resident, KV admission and LRU eviction belong to `session_resident.ResidentSet`.
 
 Locks, always taken in this order: the per-session lock (one writer per session), then the
 model lock (one model, many sessions: all model work and all KV pool accounting run under it).
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -29,6 +29,7 @@ from lsrt.runtime.models import model_fingerprint
 from lsrt.runtime.service_api import SessionInfo, TurnInfo
 from lsrt.runtime.session_render import (
     RenderPlan, check_session_name, message_meta, parse_tool_calls, plan_turn)
+from lsrt.runtime.session_resident import Resident, ResidentSet, TurnCounters
 from lsrt.runtime.spec.drafter import Drafter
 from lsrt.runtime.spec.drafters import make_drafter
 from lsrt.runtime.spec.engine import Generation
@@ -39,52 +40,6 @@ from lsrt.sessions.store import SessionMeta, SessionRecord, SessionStore, Turn
 
 DrafterFactory = Callable[[str, LLM], "Drafter | None"]
 _POLL_S = 0.05  # how often a blocked wait looks at its cancel event
-
-
-@dataclass
-class _Resident:
-    """A session's device-side cache: KV for `history[:seq.num_tokens]`, a drafter that has
-    observed exactly `history`, and the store version `history` was committed at."""
-
-    seq: KVSequence
-    history: list[int]
-    drafter: Drafter | None
-    version: int
-    last_used: float
-
-
-class TurnCounters:
-    """Running totals for `stats()`; decode speed over the last 32 generating turns."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.totals = {"turns": 0, "running_turns": 0, "tokens_generated": 0,
-                       "drafted_tokens": 0, "accepted_tokens": 0, "spec_steps": 0}
-        self._recent: deque[tuple[int, float]] = deque(maxlen=32)  # (tokens, decode seconds)
-
-    def add(self, **deltas: int) -> None:
-        with self._lock:
-            for key, value in deltas.items():
-                self.totals[key] += value
-
-    def record_turn(self, usage: Usage, decode_s: float) -> None:
-        self.add(turns=1, tokens_generated=usage.completion_tokens,
-                 drafted_tokens=usage.drafted_tokens, accepted_tokens=usage.accepted_tokens,
-                 spec_steps=usage.spec_steps)
-        if usage.completion_tokens:
-            with self._lock:
-                self._recent.append((usage.completion_tokens, decode_s))
-
-    def snapshot(self) -> dict[str, float]:
-        with self._lock:
-            out = {k: float(v) for k, v in self.totals.items()}
-            tokens = sum(n for n, _ in self._recent)
-            secs = sum(s for _, s in self._recent)
-        steps, drafted = out["spec_steps"], out["drafted_tokens"]
-        out["acceptance_rate"] = out["accepted_tokens"] / drafted if drafted else 0.0
-        out["mean_accepted_per_step"] = out["tokens_generated"] / steps if steps else 0.0
-        out["tokens_per_s"] = out["decode_tokens_per_s"] = tokens / secs if secs else 0.0
-        return out
 
 
 @dataclass
@@ -114,14 +69,15 @@ class SessionManager:
         self._model_lock = threading.Lock()
         self._guard = threading.Lock()  # the session-lock table and the counters
         self._session_locks: dict[str, threading.Lock] = {}
-        self._resident: dict[str, _Resident] = {}  # changed only under the model lock
+        self._residents = ResidentSet(  # changed only under the model lock
+            llm.runner.pool, reserve_tokens=kv_reserve_tokens, clock=clock,
+            lock_of=self._existing_lock)
         self.counters = TurnCounters()
 
     def close(self) -> None:
         """Free every resident session's KV (the store keeps everything; nothing is lost)."""
         with self._model_lock:
-            for name in list(self._resident):
-                self._drop(name)
+            self._residents.drop_all()
 
     # ---- metadata -------------------------------------------------------------------------
 
@@ -138,7 +94,7 @@ class SessionManager:
             out["sessions_total"] = float(len(self.store.list(limit=1_000_000)))
         except LsrtError:
             out["sessions_total"] = -1.0
-        out.update(sessions_resident=float(len(self._resident)),
+        out.update(sessions_resident=float(len(self._residents)),
                    kv_blocks_used=float(pool.num_used_blocks),
                    kv_blocks_total=float(pool.num_blocks))
         return out
@@ -151,7 +107,7 @@ class SessionManager:
             turns=tuple(TurnInfo(role=t.role, text=t.text, start=t.start, end=t.end)
                         for t in turns or ()),
             usage={k: float(v) for k, v in meta.usage.items()},
-            resident=meta.name in self._resident,
+            resident=meta.name in self._residents,
             metadata=dict(meta.extra.get("metadata", {})))
 
     def get_session(self, name: str) -> SessionInfo:
@@ -191,22 +147,22 @@ class SessionManager:
 
     def _warm(self, name: str, record: SessionRecord) -> None:
         """Prefill a session's stored tokens if the pool has room; a cache, so no error."""
-        if len(record.tokens) < 2 or name in self._resident:
+        if len(record.tokens) < 2 or name in self._residents:
             return
         res = self._new_resident(name, record)
         try:
-            self._make_room(name, res, 0, len(record.tokens))
+            self._residents.make_room(name, res, 0, len(record.tokens))
             res.seq.reserve(len(record.tokens))
             self.llm.runner.prefill(res.seq, record.tokens[:-1])
         except ResourceExhausted:
             res.seq.release()
             return
-        self._resident[name] = res
+        self._residents.put(name, res)
 
     def delete_session(self, name: str) -> bool:
         check_session_name(name)
         with self._model_lock:
-            self._drop(name)
+            self._residents.drop(name)
             deleted = self.store.delete(name)
         with self._guard:
             lock = self._session_locks.get(name)
@@ -220,23 +176,18 @@ class SessionManager:
         check_session_name(new_name)
         self.store.fork(name, new_name, at_turn=at_turn)
         with self._model_lock:
-            parent = self._resident.get(name)
-            if parent is not None and new_name not in self._resident:  # (a turn may have won)
+            parent = self._residents.get(name)
+            if parent is not None and new_name not in self._residents:  # (a turn may have won)
                 record = self.store.get(new_name)
                 n = min(parent.seq.num_tokens, len(record.tokens) - 1)
                 if n > 0 and parent.history[:len(record.tokens)] == record.tokens:
-                    self._resident[new_name] = _Resident(
+                    self._residents.put(new_name, Resident(
                         seq=parent.seq.fork(n), history=list(record.tokens),
                         drafter=self._fresh_drafter(record), version=record.meta.version,
-                        last_used=self.clock())
+                        last_used=self.clock()))
         return self.get_session(new_name)
 
     # ---- residency ------------------------------------------------------------------------
-
-    def _drop(self, name: str) -> None:
-        res = self._resident.pop(name, None)
-        if res is not None:
-            res.seq.release()
 
     def _fresh_drafter(self, record: SessionRecord) -> Drafter | None:
         drafter = self._make_drafter(record.meta.draft or self.default_draft, self.llm)
@@ -263,63 +214,31 @@ class SessionManager:
                 pass
         return self._fresh_drafter(record)
 
-    def _new_resident(self, name: str, record: SessionRecord) -> _Resident:
-        return _Resident(seq=self.llm.runner.new_sequence(), history=list(record.tokens),
+    def _new_resident(self, name: str, record: SessionRecord) -> Resident:
+        return Resident(seq=self.llm.runner.new_sequence(), history=list(record.tokens),
                          drafter=self._restored_drafter(name, record),
                          version=record.meta.version, last_used=self.clock())
 
-    def _resident_for(self, name: str, record: SessionRecord) -> tuple[_Resident, bool]:
+    def _resident_for(self, name: str, record: SessionRecord) -> tuple[Resident, bool]:
         """(state, fresh): the resident state if it matches the store, else a new empty one
         (not registered yet; its KV is prefilled by the turn)."""
-        res = self._resident.get(name)
+        res = self._residents.get(name)
         if res is not None and res.version == record.meta.version and \
                 res.history == record.tokens:
             return res, False
-        self._drop(name)
+        self._residents.drop(name)
         return self._new_resident(name, record), True
-
-    def _blocks_needed(self, res: _Resident, keep: int, need_tokens: int) -> int:
-        """Free blocks the pool must have to truncate `res` to `keep` tokens and reserve
-        `need_tokens` slots (blocks freed by the truncation and copy-on-write included)."""
-        pool, bs = self.llm.runner.pool, self.llm.runner.pool.block_size
-        blocks = res.seq.blocks
-        kept = min(len(blocks), -(-keep // bs))
-        freed = sum(1 for b in blocks[kept:] if pool.refcount(b) == 1)
-        cow = sum(1 for b in blocks[keep // bs:kept] if pool.refcount(b) > 1)
-        return max(0, -(-need_tokens // bs) - kept) + cow - freed
-
-    def _make_room(self, name: str, res: _Resident, keep: int, need_tokens: int) -> None:
-        """Evict least-recently-used idle sessions until the turn fits; ResourceExhausted
-        (before anything of this session changed) if it cannot."""
-        pool = self.llm.runner.pool
-        if -(-need_tokens // pool.block_size) > pool.num_blocks:
-            raise ResourceExhausted(
-                f"the turn needs {need_tokens} tokens of KV; the whole pool holds "
-                f"{pool.num_blocks * pool.block_size}", retry_after_s=None)
-        victims = sorted((r.last_used, n) for n, r in self._resident.items() if n != name)
-        for _, victim in victims:
-            if self._blocks_needed(res, keep, need_tokens) <= pool.num_free_blocks:
-                return
-            with self._guard:
-                lock = self._session_locks.get(victim)
-            if lock is not None and not lock.acquire(blocking=False):
-                continue  # a turn is running on it (or waiting for the model)
-            try:
-                self._drop(victim)
-            finally:
-                if lock is not None:
-                    lock.release()
-        needed = self._blocks_needed(res, keep, need_tokens)
-        if needed > pool.num_free_blocks:
-            raise ResourceExhausted(
-                f"KV cache full: the turn needs {needed} more blocks, {pool.num_free_blocks} of "
-                f"{pool.num_blocks} free and no idle session left to evict", retry_after_s=1.0)
 
     # ---- turns ----------------------------------------------------------------------------
 
     def _session_lock(self, name: str) -> threading.Lock:
         with self._guard:
             return self._session_locks.setdefault(name, threading.Lock())
+
+    def _existing_lock(self, name: str) -> threading.Lock | None:
+        """`name`'s lock if one was made (eviction try-acquires it), without creating one."""
+        with self._guard:
+            return self._session_locks.get(name)
 
     @staticmethod
     def _acquire(lock: threading.Lock, cancel: threading.Event, *, wait: bool) -> bool:
@@ -393,7 +312,7 @@ class SessionManager:
         need = len(prompt) + (request.sampling.max_tokens + self.llm.engine.max_tree_nodes
                               if request.generate else 0)
         try:
-            self._make_room(name, res, keep, need)
+            self._residents.make_room(name, res, keep, need)
         except BaseException:
             if fresh:
                 res.seq.release()
@@ -434,7 +353,7 @@ class SessionManager:
                 raise Cancelled("cancelled during prefill")
             self.llm.runner.prefill(seq, tokens[i:i + chunk])
 
-    def _generate(self, res: _Resident, request: TurnRequest, emit: Callable[[TurnEvent], None],
+    def _generate(self, res: Resident, request: TurnRequest, emit: Callable[[TurnEvent], None],
                   cancel: threading.Event, marks: _Marks) -> Generation:
         drafter = res.drafter
         if request.draft is not None:  # a per-turn drafter; the session's one catches up after
@@ -457,7 +376,7 @@ class SessionManager:
             res.drafter.observe(res.history[start:])
         return gen
 
-    def _new_turns(self, plan: RenderPlan, request: TurnRequest, res: _Resident,
+    def _new_turns(self, plan: RenderPlan, request: TurnRequest, res: Resident,
                    gen: Generation | None, usage: Usage, version: int) -> list[Turn]:
         rid = request.request_id
         turns = [Turn(role=m.role, start=s, end=e, text=m.content, request_id=rid,
@@ -491,7 +410,7 @@ class SessionManager:
         totals["turns"] = totals.get("turns", 0) + 1
         return totals
 
-    def _roll_back(self, name: str, res: _Resident, fresh: bool, old_len: int,
+    def _roll_back(self, name: str, res: Resident, fresh: bool, old_len: int,
                    common: int) -> None:
         """Back to the last committed state: cut what this turn added to the KV, history and
         drafter; a turn that had cut committed tokens (token-level diff) drops residency."""
@@ -502,24 +421,17 @@ class SessionManager:
             del res.history[old_len:]
             if res.drafter is not None:
                 res.drafter.rollback(old_len)
-            self._trim(res)
-            self._resident[name] = res
+            self._residents.trim(res)
+            self._residents.put(name, res)
         except Exception:  # noqa: BLE001 - unsure what is valid: rebuild from tokens next time
-            if self._resident.get(name) is res:
-                del self._resident[name]
+            self._residents.forget(name, res)
             res.seq.release()
 
-    def _trim(self, res: _Resident) -> None:
-        """Idle sessions keep at most `kv_reserve_tokens` spare slots."""
-        res.last_used = self.clock()
-        if res.seq.capacity - res.seq.num_tokens > self.kv_reserve_tokens:
-            res.seq.truncate(res.seq.num_tokens)
-
-    def _after_commit(self, name: str, res: _Resident, version: int, gen: Generation | None,
+    def _after_commit(self, name: str, res: Resident, version: int, gen: Generation | None,
                       usage: Usage, turns: list[Turn], marks: _Marks) -> TurnFinished:
         res.version = version
-        self._trim(res)
-        self._resident[name] = res
+        self._residents.trim(res)
+        self._residents.put(name, res)
         state = res.drafter.export_state() if res.drafter is not None else None
         if state is not None:
             try:

@@ -6,7 +6,8 @@ Otherwise the choice between the model drafter and plain decoding is made by mea
 throughput: the wall time from one `propose` to the next is one whole step, and `observe` says
 how many tokens it emitted, so each mode keeps an exponential average of tokens per second. The
 slower mode is re-tried every `explore_every` steps so a change in context length (and with it
-the balance of KV and weight reads) is noticed.
+the balance of KV and weight reads) is noticed; each exploration that confirms the loser doubles
+that interval (up to `max_explore_every`), so a drafter that never pays costs almost nothing.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ class AutoDrafter:
     name = "auto"
 
     def __init__(self, suffix: Drafter, model: Drafter | None, *, explore_every: int = 16,
-                 decay: float = 0.8, clock=time.perf_counter) -> None:
+                 max_explore_every: int = 1024, decay: float = 0.8,
+                 clock=time.perf_counter) -> None:
         self.suffix, self.model = suffix, model
         self.explore_every, self.decay, self.clock = explore_every, decay, clock
+        self.max_explore_every = max_explore_every
+        self._explored: str | None = None  # the loser being re-tried this step
         self.rate: dict[str, float] = {}  # mode -> EMA tokens/s
         self.mode_counts: dict[str, int] = {"suffix": 0, "model": 0, "none": 0}
         self._last: tuple[str, float] | None = None  # (mode, propose time) of the open step
@@ -45,6 +49,9 @@ class AutoDrafter:
                 tps = len(tokens) / max(self.clock() - t0, 1e-9)
                 old = self.rate.get(mode)
                 self.rate[mode] = tps if old is None else self.decay * old + (1 - self.decay) * tps
+                if self._explored == mode and self._best() != mode:
+                    self.explore_every = min(2 * self.explore_every, self.max_explore_every)
+            self._explored = None
 
     def rollback(self, num_tokens: int) -> None:
         self._last = None
@@ -58,10 +65,14 @@ class AutoDrafter:
         for mode in ("model", "none"):
             if mode not in self.rate:
                 return mode
-        best = max(("model", "none"), key=lambda m: self.rate[m])
+        best = self._best()
         if self._steps % self.explore_every == 0:
-            return "none" if best == "model" else "model"
+            self._explored = "none" if best == "model" else "model"
+            return self._explored
         return best
+
+    def _best(self) -> str:
+        return max(("model", "none"), key=lambda m: self.rate.get(m, 0.0))
 
     def propose(self, history: list[int], max_nodes: int) -> DraftTree | None:
         self._steps += 1

@@ -9,16 +9,20 @@ match in O(max_match) per lookup, O(1) amortised per appended token, and an undo
 only knows each state's *first* end position; the most recent occurrences come from small
 per-n-gram position lists (newest last), scanned newest first and verified token by token.
 Memory is a few hundred bytes per token (a transition dict per state): ~50 MB at 100K tokens.
+The index shared across sessions, `GlobalSuffixIndex`, lives in `suffix_global`.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lsrt.runtime.spec.drafter import DraftState
 from lsrt.runtime.spec.tree import DraftTree
+
+if TYPE_CHECKING:  # suffix_global builds on SuffixIndex, so it imports this module
+    from lsrt.runtime.spec.suffix_global import GlobalSuffixIndex
 
 _GRAM_LENS = (1, 4, 16)  # n-gram lengths with position lists; a lookup uses the longest <= match
 _SEP = -1  # document separator in the global index; never a real token id, so never matched
@@ -208,55 +212,6 @@ class SuffixIndex:
         if first not in found and 0 <= first < end_before:
             found.append(first)
         return found
-
-
-class GlobalSuffixIndex:
-    """Append-only, bounded index of past outputs (other sessions' generated turns).
-
-    Shared between drafters by the caller (never a module global); thread-safe. When the total
-    exceeds `max_tokens`, the oldest documents are dropped down to half the bound and the index
-    is rebuilt from the rest: amortised O(1) per added token.
-    """
-
-    def __init__(self, *, max_tokens: int = 1 << 20, max_match: int = 32,
-                 scan_limit: int = 64) -> None:
-        if max_tokens < 2:
-            raise ValueError("max_tokens must be >= 2")
-        self.max_tokens = max_tokens
-        self._docs: deque[list[int]] = deque()
-        self._size = 0
-        self._index = SuffixIndex(max_match=max_match, scan_limit=scan_limit)
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return self._size
-
-    def add(self, tokens: list[int]) -> None:
-        doc = [int(t) for t in tokens][-(self.max_tokens - 1):]
-        if not doc:
-            return
-        with self._lock:
-            if self._size + len(doc) + 1 > self.max_tokens:
-                while self._docs and self._size + len(doc) + 1 > self.max_tokens // 2:
-                    self._size -= len(self._docs.popleft()) + 1
-                self._index = SuffixIndex(max_match=self._index.max_match,
-                                          scan_limit=self._index.scan_limit)
-                for old in self._docs:
-                    self._index.extend(old + [_SEP])
-            self._docs.append(doc)
-            self._size += len(doc) + 1
-            self._index.extend(doc + [_SEP])
-
-    def continuations(self, history: list[int], depth_of, limit: int) -> tuple[int, list[list[int]]]:
-        """(match length, continuations newest first) of history's longest suffix seen here."""
-        with self._lock:
-            idx = self._index
-            m, state = idx.match_query(history)
-            if m == 0:
-                return 0, []
-            pattern = history[len(history) - m:]
-            ends = idx.occurrences(pattern, state, len(idx.tokens), limit)
-            return m, [_read(idx.tokens, e, depth_of(m)) for e in ends]
 
 
 def _read(seq: list[int], end: int, depth: int) -> list[int]:

@@ -16,7 +16,7 @@ same tokens and positions:
 
 Loss: next-token cross-entropy of the data through the frozen lm_head, plus optionally
 `kl_weight` x KL(target || draft). Checkpoint: `draft.safetensors` + `config.json`
-(`lsrt.runtime.spec.longspec.save_draft`) and `trainer_state.pt` (optimizer, step, RNG).
+(`lsrt.runtime.spec.longspec_ckpt.save_draft`) and `trainer_state.pt` (optimizer, step, RNG).
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ class LongSpecTrainer:
 def save_checkpoint(trainer: LongSpecTrainer, out_dir: str | Path, extra: dict | None = None
                     ) -> None:
     """Draft weights + JSON config (loadable by `longspec:DIR`) and the trainer state."""
-    from lsrt.runtime.spec.longspec import save_draft
+    from lsrt.runtime.spec.longspec_ckpt import save_draft
 
     out = Path(out_dir)
     save_draft(trainer.draft, out, {"train": asdict(trainer.cfg), "step": trainer.step,
@@ -208,7 +208,7 @@ def save_checkpoint(trainer: LongSpecTrainer, out_dir: str | Path, extra: dict |
 
 def resume(trainer: LongSpecTrainer, out_dir: str | Path) -> None:
     """Restore draft weights, optimizer, step and sampling RNG saved by `save_checkpoint`."""
-    from lsrt.runtime.spec.longspec import load_draft
+    from lsrt.runtime.spec.longspec_ckpt import load_draft
 
     out = Path(out_dir)
     draft = load_draft(out, trainer.target.cfg)
@@ -270,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     from lsrt.runtime.model import load_model
     from lsrt.runtime.models import resolve_model
     from lsrt.runtime.runner import DTYPES
-    from lsrt.runtime.spec.longspec import (LongSpecConfig, init_from_target,
-                                            is_own_checkpoint, load_draft,
-                                            load_longspec_checkpoint)
+    from lsrt.runtime.spec.longspec import LongSpecConfig, init_from_target
+    from lsrt.runtime.spec.longspec_ckpt import (is_own_checkpoint, load_draft,
+                                                 load_longspec_checkpoint)
     from lsrt.runtime.tokenizer import Tokenizer
     from lsrt.runtime.training.data import DataConfig, build_corpus
 

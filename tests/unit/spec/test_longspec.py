@@ -12,7 +12,8 @@ from lsrt.runtime.llm import LLM
 from lsrt.runtime.runner import RunnerConfig
 from lsrt.runtime.sampling import SamplingParams
 from lsrt.runtime.spec.longspec import (LongSpecConfig, LongSpecDrafter, init_from_target,
-                                        load_longspec_checkpoint, make_longspec_drafter)
+                                        make_longspec_drafter)
+from lsrt.runtime.spec.longspec_ckpt import load_longspec_checkpoint
 from lsrt.sessions.blob import decode_draft_blob, encode_draft_blob
 
 from tiny_models import copy_tokenizer, make_tiny_model

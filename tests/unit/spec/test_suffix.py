@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lsrt.runtime.spec.suffix import (GlobalSuffixIndex, SuffixConfig, SuffixDrafter,
-                                      SuffixIndex)
+from lsrt.runtime.spec.suffix import SuffixConfig, SuffixDrafter, SuffixIndex
+from lsrt.runtime.spec.suffix_global import GlobalSuffixIndex
 from lsrt.runtime.spec.tree import DraftTree
 
 TRACES = Path("/work/shared/data/agent-traces")

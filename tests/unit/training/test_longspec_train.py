@@ -13,7 +13,8 @@ import torch
 from lsrt.runtime.model import load_model
 from lsrt.runtime.runner import ModelRunner, RunnerConfig
 from lsrt.runtime.spec.longspec import (LongSpecConfig, LongSpecDrafter, init_from_target,
-                                        load_draft, make_longspec_drafter)
+                                        make_longspec_drafter)
+from lsrt.runtime.spec.longspec_ckpt import load_draft
 from lsrt.runtime.training.data import DataConfig, build_corpus
 from lsrt.runtime.training.longspec_train import (
     LongSpecTrainer, TrainConfig, anchor_offset_positions, draft_loss, lag_commit, main,
