@@ -69,6 +69,7 @@ class SessionManager:
         self._model_lock = threading.Lock()
         self._guard = threading.Lock()  # the session-lock table and the counters
         self._session_locks: dict[str, threading.Lock] = {}
+        self._holder_cancel: dict[str, threading.Event] = {}  # cancel event of the running turn
         self._residents = ResidentSet(  # changed only under the model lock
             llm.runner.pool, reserve_tokens=kv_reserve_tokens, clock=clock,
             lock_of=self._existing_lock)
@@ -257,8 +258,10 @@ class SessionManager:
         if cancel.is_set():
             raise Cancelled("cancelled before the turn started")
         lock = self._session_lock(name)
-        if not self._acquire(lock, cancel, wait=request.wait):
+        if not self._acquire(lock, cancel, wait=request.wait or self._holder_cancelled(name)):
             raise VersionConflict(f"session {name!r} is busy with another turn")
+        with self._guard:
+            self._holder_cancel[name] = cancel
         try:
             self.counters.add(running_turns=1)
             try:
@@ -266,7 +269,16 @@ class SessionManager:
             finally:
                 self.counters.add(running_turns=-1)
         finally:
+            with self._guard:
+                self._holder_cancel.pop(name, None)
             lock.release()
+
+    def _holder_cancelled(self, name: str) -> bool:
+        """The running turn on `name` was cancelled: it is only rolling back, so a new turn
+        waits for it instead of failing with a conflict."""
+        with self._guard:
+            event = self._holder_cancel.get(name)
+        return event is not None and event.is_set()
 
     def _admitted_turn(self, name: str, request: TurnRequest, emit: Callable[[TurnEvent], None],
                        cancel: threading.Event, marks: _Marks) -> TurnFinished:
