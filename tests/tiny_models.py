@@ -9,11 +9,11 @@ import torch
 FAMILIES = ("llama", "llama3", "qwen2", "qwen3", "mistral")
 
 
-def tiny_config(family: str, vocab: int = 97):
+def tiny_config(family: str, vocab: int = 97, max_position: int = 4096):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position,
                   rms_norm_eps=1e-5, eos_token_id=vocab - 1, bos_token_id=0)
     if family == "llama":
         return LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=True)
@@ -40,12 +40,13 @@ def copy_tokenizer(src_dir: Path, out_dir: Path) -> None:
             shutil.copy(f, Path(out_dir) / f.name)
 
 
-def make_tiny_model(family: str, out_dir: Path, seed: int = 0):
+def make_tiny_model(family: str, out_dir: Path, seed: int = 0, max_position: int = 4096):
     """Save a random-weight HF model to `out_dir`; return the transformers model (float32)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, max_position=max_position),
+                                             dtype=torch.float32)
     with torch.no_grad():  # widen the default tiny init so logits are not near-uniform
         for p in model.parameters():
             if p.dim() > 1:

@@ -128,13 +128,22 @@ def test_smollm2_stop_inside_accepted_run(smollm2):
         assert a.text == b.text and a.token_ids == b.token_ids
 
 
-@pytest.mark.parametrize("draft", ["none", "suffix", "self"])
-def test_generation_stops_at_the_context_limit(tiny, draft):
+@pytest.fixture(scope="module")
+def short_ctx(tmp_path_factory, smollm2_dir):
+    path = tmp_path_factory.mktemp("short-ctx")
+    make_tiny_model("qwen2", path, max_position=256)
+    copy_tokenizer(smollm2_dir, path)
+    return LLM(path, RunnerConfig(kv_budget_mb=4, prefill_chunk=64, block_size=8))
+
+
+@pytest.mark.parametrize("draft", ["none", "suffix", "self", "model:self-test"])
+def test_generation_stops_at_the_context_limit(short_ctx, draft):
     """Drafting near the limit never overflows it; output ends with `length` at the limit."""
-    limit = tiny.runner.cfg.context_limit
-    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, limit - 6, seed=11)
-    plain = run(tiny, ids, "none", SamplingParams(max_tokens=50))
-    got = run(tiny, ids, draft, SamplingParams(max_tokens=50), DraftOptions(window=64, depth=4))
+    limit = short_ctx.runner.cfg.context_limit
+    ids = repetitive_prompt(short_ctx.runner.cfg.vocab_size, limit - 6, seed=11)
+    plain = run(short_ctx, ids, "none", SamplingParams(max_tokens=50))
+    got = run(short_ctx, ids, draft, SamplingParams(max_tokens=50),
+              DraftOptions(window=64, depth=4))
     assert got.token_ids == plain.token_ids
     assert got.finish_reason == plain.finish_reason == "length"
     assert len(ids) - 1 + len(got.token_ids) == limit
