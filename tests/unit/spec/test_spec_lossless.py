@@ -102,13 +102,14 @@ def trace_prompt(llm: LLM, max_tokens: int) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("draft", ["suffix", "auto", "self"])
+@pytest.mark.parametrize("draft", ["suffix", "auto", "self", "model:self-test", "longspec"])
 def test_smollm2_long_prompt_multi_turn(smollm2, draft):
     ids = trace_prompt(smollm2, 3000)
     params = SamplingParams(max_tokens=24)
     for turn in range(2):
         plain = run(smollm2, ids, "none", params)
-        spec = run(smollm2, ids, draft, params, DraftOptions(window=256))
+        # Narrow longspec trees keep this CPU test short; losslessness does not depend on width.
+        spec = run(smollm2, ids, draft, params, DraftOptions(window=256, widths=(2, 2, 2)))
         assert spec.token_ids == plain.token_ids, (draft, turn)
         ids = ids + plain.token_ids + smollm2.tokenizer.encode("\n<|im_start|>user\nok<|im_end|>\n")
 
