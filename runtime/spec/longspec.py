@@ -58,21 +58,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     A query that sees no key gets a zero output (LongSpec pads those rows with zeros).
     """
-    n, hq, d = q.shape
-    hkv, s = k.shape[0], k.shape[1]
-    if s == 0:
+    if k.shape[1] == 0:
         return q.new_zeros(q.shape)
-    g = hq // hkv
     empty = None
     if mask is not None:
         empty = ~mask.any(-1)  # [n]
         if bool(empty.any()):
             mask = mask.clone()
             mask[empty, 0] = True
-        mask = mask.repeat(g, 1)  # rows are head-in-group major, like the query fold below
-    qg = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * n, d)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
-    out = out.view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
+    # [1, Hq, n, D] against [1, Hkv, S, D] with SDPA's own GQA: the flash kernel then splits the
+    # long cross-attention context across blocks (a per-KV-head 3-D layout did not, and cost
+    # 50-70% of a target step at 32K-128K on an H100).
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],
+                                         attn_mask=mask, scale=scale, enable_gqa=True)
+    out = out[0].transpose(0, 1)
     if empty is not None:
         out = out * (~empty).to(out.dtype)[:, None, None]
     return out
