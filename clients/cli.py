@@ -180,18 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train_draft)
 
-    for extra in _client_commands():
-        extra(sub)
+    from lsrt.clients import commands  # serve, chat, sessions: they live beside the SDK
+
+    for register in commands.REGISTER:
+        register(sub)
     return parser
-
-
-def _client_commands() -> list:
-    """Subcommands that live beside the SDK (serve, chat, sessions), when present."""
-    try:
-        from lsrt.clients import commands
-    except ImportError:
-        return []
-    return commands.REGISTER
 
 
 def main(argv: list[str] | None = None) -> int:
