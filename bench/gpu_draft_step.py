@@ -11,27 +11,10 @@ draft step <= 8% of a target step. Medians of --repeats wall-clock timings (sync
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-
 import torch
 
+from gpu_graphs import wall_ms
 from gpu_step import build_runner
-
-
-def wall_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        out.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(out)
 
 
 def main() -> None:

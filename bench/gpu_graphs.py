@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from gpu_step import copy_bandwidth  # the same bandwidth probe as the step benchmark
+
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
@@ -64,33 +66,17 @@ def build_random_runner(shape: str, *, max_ctx: int, attention: str = "triton",
                                                   kv_budget_mb=budget_mb, attention=attention))
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write counted)."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    times = []
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        y.copy_(x)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return 2 * (1 << 30) / statistics.median(times)
-
-
 def wall_ms(fn, repeats: int) -> float:
     """Median wall-clock ms of `fn()` + synchronize, after 3 warm-up calls."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(3):
         fn()
-    torch.cuda.synchronize()
+    sync()
     out = []
     for _ in range(repeats):
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         out.append((time.perf_counter() - t) * 1e3)
     return statistics.median(out)
 
@@ -164,7 +150,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         print("bench/gpu_graphs.py needs a CUDA device")
         return
-    bw = copy_bandwidth()
+    bw = copy_bandwidth("cuda")
     lines = [f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, bf16, "
              f"attention triton, wall-clock median of {args.repeats}",
              "| model | context | step | eager ms | graph ms | speedup | floor ms | "
