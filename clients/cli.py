@@ -134,6 +134,12 @@ def cmd_train_draft(args: argparse.Namespace) -> int:
     return train_main(args.rest) or 0
 
 
+def cmd_gen_data(args: argparse.Namespace) -> int:
+    from lsrt.runtime.training.selfgen import main as gen_main
+
+    return gen_main(args.rest) or 0
+
+
 class _UsageError(LsrtError):
     pass
 
@@ -179,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train_draft)
+    gd = sub.add_parser("gen-data", help="write the target's own continuations of agent traces "
+                        "as draft training tokens", add_help=False)
+    gd.add_argument("rest", nargs=argparse.REMAINDER)
+    gd.set_defaults(func=cmd_gen_data)
 
     from lsrt.clients import commands  # serve, chat, sessions: they live beside the SDK
 
@@ -187,8 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommands with their own argparse parser: everything after the name is theirs (argparse's
+# REMAINDER does not capture a first argument that starts with "--").
+PASS_THROUGH = {"train-draft": cmd_train_draft, "gen-data": cmd_gen_data}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:
+        args = argparse.Namespace(cmd=argv[0], rest=argv[1:], func=PASS_THROUGH[argv[0]])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except LsrtError as err:

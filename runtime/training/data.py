@@ -6,10 +6,14 @@ Sources (`--data` is a comma-separated list of these):
     packages   installed packages' .py files (`sysconfig.get_paths()["purelib"]`)
     traces     the agent traces in /work/shared/data/agent-traces/*.jsonl, minus the held-out
                ones: the first `holdout` traces of every file (the benchmarks replay those)
-    PATH       a file or directory (.py, .txt, .md, .jsonl traces)
+    PATH       a file or directory (.py, .txt, .md, .jsonl traces), or a `.pt` file holding a
+               1-D token tensor already joined with EOS (e.g. `lsrt gen-data`'s output)
 
-Documents are shuffled with a fixed seed, tokenised, joined with EOS into one stream, and
-training samples are windows of that stream drawn with the trainer's own generator.
+A source may carry a sampling weight, `SOURCE@W` (default 1): each training window is drawn
+from one source, chosen with probability proportional to its weight, so a small but relevant
+source (the traces, the model's own generations) is not drowned by the standard library.
+Within a source, documents are shuffled with a fixed seed, tokenised and joined with EOS into
+one stream; windows are drawn with the trainer's own generator.
 """
 
 from __future__ import annotations
@@ -44,6 +48,95 @@ class Corpus:
     tokens: torch.Tensor  # [T] int64, documents joined by EOS
     documents: int
     held_out: list[str] = field(default_factory=list)  # trace ids never trained on
+
+
+@dataclass
+class Mixture:
+    """Per-source token streams and their sampling weights."""
+
+    parts: list[Corpus]
+    weights: list[float]
+    names: list[str]
+
+    @property
+    def tokens(self) -> int:
+        return sum(int(c.tokens.shape[0]) for c in self.parts)
+
+    def describe(self) -> dict:
+        return {name: {"tokens": int(c.tokens.shape[0]), "documents": c.documents, "weight": w}
+                for name, c, w in zip(self.names, self.parts, self.weights)}
+
+    def sample(self, length: int, gen: torch.Generator) -> torch.Tensor:
+        """A window of `length` tokens from a source drawn by weight."""
+        weights = torch.tensor(self.weights, dtype=torch.float64)
+        i = int(torch.multinomial(weights, 1, generator=gen)) if len(self.parts) > 1 else 0
+        return sample_window(self.parts[i].tokens, length, gen)
+
+
+def frequent_tokens(mixture: Mixture, vocab_size: int, k: int) -> torch.Tensor:
+    """The `k` most frequent token ids `[k]`, most frequent first, counting each source's
+    frequencies in proportion to its sampling weight (a draft vocabulary, see
+    `LongSpecDraft.set_draft_vocab`)."""
+    if not 0 < k <= vocab_size:
+        raise ValueError(f"draft vocabulary size must be in [1, {vocab_size}], got {k}")
+    freq = torch.zeros(vocab_size, dtype=torch.float64)
+    for part, w in zip(mixture.parts, mixture.weights):
+        counts = torch.bincount(part.tokens.clamp(0, vocab_size - 1), minlength=vocab_size)
+        freq += w * counts[:vocab_size].double() / max(1, int(counts.sum()))
+    # Stable order: by frequency, ties by id.
+    order = sorted(range(vocab_size), key=lambda i: (-float(freq[i]), i))
+    return torch.tensor(order[:k], dtype=torch.long)
+
+
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+    """`"stdlib,traces@4"` -> [("stdlib", 1.0), ("traces", 4.0)]."""
+    out = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, _, weight = item.rpartition("@") if "@" in item else (item, "", "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(f"data source {item!r}: weight {weight!r} is not a number") from None
+        if not name or not w > 0:
+            raise ValueError(f"data source {item!r}: need NAME or NAME@W with W > 0")
+        out.append((name, w))
+    if not out:
+        raise ValueError("no data sources given")
+    return out
+
+
+def build_mixture(spec: str, cfg: DataConfig, encode: Callable[[str], list[int]],
+                  eos_id: int) -> Mixture:
+    """One `Corpus` per source of `spec`, each capped at `cfg.max_tokens`."""
+    parts, weights, names = [], [], []
+    for name, w in parse_sources(spec):
+        if name.endswith(".pt"):
+            tokens = load_token_file(name)
+            side = Path(name).with_suffix(".json")  # `lsrt gen-data` writes one beside it
+            docs = json.loads(side.read_text()).get("documents") if side.is_file() else None
+            part = Corpus(tokens=tokens[:cfg.max_tokens],
+                          documents=int(docs if docs is not None else (tokens == eos_id).sum()))
+        else:
+            part = build_corpus(DataConfig(sources=(name,), max_tokens=cfg.max_tokens,
+                                           holdout=cfg.holdout, seed=cfg.seed), encode, eos_id)
+        if part.tokens.shape[0] < 2:
+            raise ValueError(f"data source {name!r} holds no text")
+        parts.append(part)
+        weights.append(w)
+        names.append(name)
+    return Mixture(parts=parts, weights=weights, names=names)
+
+
+def load_token_file(path: str | Path) -> torch.Tensor:
+    """A `.pt` file of one 1-D integer tensor (documents joined by EOS)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data source {str(path)!r}: no such file")
+    tokens = torch.load(path, weights_only=True)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.is_floating_point():
+        raise ValueError(f"{path}: expected a 1-D integer token tensor")
+    return tokens.long()
 
 
 def render_trace(messages: list[dict]) -> str:

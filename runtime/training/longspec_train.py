@@ -14,14 +14,17 @@ same tokens and positions:
   0..s-1, the rest shift by a random offset so short samples see long-context positions);
   `long` stage = plain 0..L-1.
 
-Loss: next-token cross-entropy of the data through the frozen lm_head, plus optionally
-`kl_weight` x KL(target || draft). Checkpoint: `draft.safetensors` + `config.json`
+Loss: `ce_weight` x next-token cross-entropy of the data through the frozen lm_head, plus
+`kl_weight` x KL(target || draft) (distillation on the target's own logits). One optimizer step
+averages `batch` samples (gradient accumulation). On CUDA the forward passes run under bf16
+autocast (the draft's weights and optimizer stay float32). Checkpoint: `draft.safetensors` + `config.json`
 (`lsrt.runtime.spec.longspec_ckpt.save_draft`) and `trainer_state.pt` (optimizer, step, RNG).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from lsrt.runtime.attention import AttentionMeta, SdpaAttention
 from lsrt.runtime.model import DecoderModel
 from lsrt.runtime.spec.longspec import LongSpecDraft
-from lsrt.runtime.training.data import sample_window
+from lsrt.runtime.training.data import Mixture, sample_window
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,6 +49,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     kl_weight: float = 0.0
+    ce_weight: float = 1.0
+    batch: int = 1  # samples per optimizer step (gradient accumulation)
     anchor_sinks: int = 4
     max_position: int = 4096  # Anchor-Offset positions stay below this
     max_lag: int = 4  # = the deepest tree the drafter builds
@@ -56,6 +61,9 @@ class TrainConfig:
             raise ValueError(f"stage must be short or long, got {self.stage!r}")
         if self.seq_len < 2 or self.max_lag < 1 or self.anchor_sinks < 0 or self.lr <= 0:
             raise ValueError("seq_len >= 2, max_lag >= 1, anchor_sinks >= 0, lr > 0 required")
+        if self.batch < 1 or self.ce_weight < 0 or self.kl_weight < 0 or \
+                not (self.ce_weight or self.kl_weight):
+            raise ValueError("batch >= 1 and non-negative loss weights, not both zero, required")
         if self.max_position < self.seq_len:
             raise ValueError(f"max_position {self.max_position} < seq_len {self.seq_len}")
 
@@ -112,7 +120,7 @@ def target_last_kv(target: DecoderModel, ids: torch.Tensor, positions: torch.Ten
 
 def draft_loss(draft: LongSpecDraft, target: DecoderModel, head: torch.Tensor,
                ids: torch.Tensor, positions: torch.Tensor, commit: torch.Tensor,
-               kl_weight: float = 0.0) -> torch.Tensor:
+               kl_weight: float = 0.0, ce_weight: float = 1.0) -> torch.Tensor:
     """Mean next-token loss of the draft on one sample (ids/positions/commit `[L]`).
 
     head `[V, H]`: the target's lm_head in the draft's dtype (frozen).
@@ -127,7 +135,9 @@ def draft_loss(draft: LongSpecDraft, target: DecoderModel, head: torch.Tensor,
     hidden, _, _ = draft(x, positions.to(dev), None, None, self_mask, k_t.to(dev, dt),
                          v_t.to(dev, dt), cross_mask)
     logits = F.linear(hidden[:-1], head).float()  # [L-1, V]
-    loss = F.cross_entropy(logits, ids[1:].to(dev))
+    loss = logits.new_zeros(())
+    if ce_weight:
+        loss = loss + ce_weight * F.cross_entropy(logits, ids[1:].to(dev))
     if kl_weight:
         with torch.no_grad():
             p_log = F.linear(hid_t[:-1].to(dev, dt), head).float().log_softmax(-1)
@@ -140,8 +150,10 @@ class LongSpecTrainer:
     """Owns the optimizer, the step counter and the sampling generator (all resumable)."""
 
     def __init__(self, target: DecoderModel, draft: LongSpecDraft, cfg: TrainConfig,
-                 tokens: torch.Tensor, *, device: str = "cpu") -> None:
-        self.target, self.cfg, self.tokens = target, cfg, tokens
+                 data: torch.Tensor | Mixture, *, device: str = "cpu") -> None:
+        """`data`: one token stream, or a weighted `Mixture` of streams."""
+        self.target, self.cfg, self.data = target, cfg, data
+        self.autocast = torch.device(device).type == "cuda"
         self.draft = draft.to(device=device, dtype=torch.float32).train()
         self.head = target.lm_head.detach().to(device, torch.float32)
         self.opt = torch.optim.AdamW(self.draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
@@ -160,26 +172,33 @@ class LongSpecTrainer:
 
     def sample(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.cfg
-        ids = sample_window(self.tokens, c.seq_len, self.gen)
+        ids = (self.data.sample(c.seq_len, self.gen) if isinstance(self.data, Mixture)
+               else sample_window(self.data, c.seq_len, self.gen))
         pos = (anchor_offset_positions(c.seq_len, c.anchor_sinks, c.max_position, self.gen)
                if c.stage == "short" else torch.arange(c.seq_len))
         return ids, pos, lag_commit(c.seq_len, c.max_lag, self.gen)
 
     def train_step(self) -> float:
-        ids, pos, commit = self.sample()
-        return self.step_on(ids, pos, commit)
+        """One optimizer step over `batch` freshly drawn samples; returns their mean loss."""
+        return self.step_on([self.sample() for _ in range(self.cfg.batch)])
 
-    def step_on(self, ids: torch.Tensor, pos: torch.Tensor, commit: torch.Tensor) -> float:
+    def step_on(self, samples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                ) -> float:
+        """One optimizer step on (ids, positions, commit) samples (gradients averaged)."""
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
-        loss = draft_loss(self.draft, self.target, self.head, ids, pos, commit,
-                          self.cfg.kl_weight)
-        loss.backward()
+        total = 0.0
+        for ids, pos, commit in samples:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                loss = draft_loss(self.draft, self.target, self.head, ids, pos, commit,
+                                  self.cfg.kl_weight, self.cfg.ce_weight)
+            (loss / len(samples)).backward()
+            total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        self.losses.append(float(loss.detach()))
+        self.losses.append(total / len(samples))
         return self.losses[-1]
 
     def state_dict(self) -> dict:
@@ -197,10 +216,11 @@ class LongSpecTrainer:
 def save_checkpoint(trainer: LongSpecTrainer, out_dir: str | Path, extra: dict | None = None
                     ) -> None:
     """Draft weights + JSON config (loadable by `longspec:DIR`) and the trainer state."""
-    from lsrt.runtime.spec.longspec_ckpt import save_draft
+    from lsrt.runtime.spec.longspec_ckpt import save_draft, target_digest
 
     out = Path(out_dir)
     save_draft(trainer.draft, out, {"train": asdict(trainer.cfg), "step": trainer.step,
+                                    "target_digest": target_digest(trainer.target),
                                     **(extra or {})})
     torch.save(trainer.state_dict(), out / "trainer_state.pt.tmp")
     (out / "trainer_state.pt.tmp").replace(out / "trainer_state.pt")
@@ -219,19 +239,26 @@ def resume(trainer: LongSpecTrainer, out_dir: str | Path) -> None:
 
 
 def train(trainer: LongSpecTrainer, steps: int, out_dir: str | Path | None = None, *,
-          save_every: int = 100, progress: bool = True, extra: dict | None = None) -> list[float]:
-    """Run until `trainer.step == steps`, saving every `save_every` steps and at the end."""
+          save_every: int = 100, progress: bool = True, extra: dict | None = None,
+          max_seconds: float | None = None) -> list[float]:
+    """Run until `trainer.step == steps` (or `max_seconds` have passed: the run then stops
+    with a checkpoint, to be continued with `--resume`), saving every `save_every` steps."""
     from tqdm import tqdm
 
     bar = tqdm(total=steps, initial=trainer.step, disable=not progress, desc="train-draft")
     t0, done = time.perf_counter(), 0
     while trainer.step < steps:
         loss = trainer.train_step()
-        done += trainer.cfg.seq_len
+        done += trainer.cfg.seq_len * trainer.cfg.batch
+        elapsed = time.perf_counter() - t0
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{done / (time.perf_counter() - t0):.0f}")
-        if out_dir is not None and (trainer.step % save_every == 0 or trainer.step == steps):
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{done / elapsed:.0f}")
+        out_of_time = max_seconds is not None and elapsed >= max_seconds
+        if out_dir is not None and (trainer.step % save_every == 0 or trainer.step == steps
+                                    or out_of_time):
             save_checkpoint(trainer, out_dir, extra)
+        if out_of_time:
+            break
     bar.close()
     return trainer.losses
 
@@ -241,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="train a LongSpec draft layer for a target model")
     p.add_argument("--target", required=True, help="registry name or HF model directory")
     p.add_argument("--data", default="stdlib,traces",
-                   help="comma list: stdlib, packages, traces, or paths (default stdlib,traces)")
+                   help="comma list of stdlib, packages, traces, paths or token .pt files, "
+                   "each optionally SOURCE@WEIGHT (sampling weight; default stdlib,traces)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -254,6 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the frozen target's dtype (the draft trains in float32)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--kl", type=float, default=0.0, help="weight of KL(target || draft)")
+    p.add_argument("--ce", type=float, default=1.0,
+                   help="weight of the next-token cross-entropy on the data")
+    p.add_argument("--batch", type=int, default=1, help="samples per optimizer step")
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="draft only the K most frequent tokens of the data (0: all)")
+    p.add_argument("--max-minutes", type=float,
+                   help="stop (with a checkpoint) after this long; continue with --resume")
     p.add_argument("--max-tokens", type=int, default=2_000_000)
     p.add_argument("--holdout", type=int, default=3, help="first N traces per file held out")
     p.add_argument("--sink", type=int, default=4)
@@ -274,32 +309,45 @@ def main(argv: list[str] | None = None) -> int:
     from lsrt.runtime.spec.longspec_ckpt import (is_own_checkpoint, load_draft,
                                                  load_longspec_checkpoint)
     from lsrt.runtime.tokenizer import Tokenizer
-    from lsrt.runtime.training.data import DataConfig, build_corpus
+    from lsrt.runtime.training.data import (DataConfig, build_mixture, frequent_tokens,
+                                            parse_sources)
 
     a = build_parser().parse_args(argv)
+    sources = parse_sources(a.data)
     model_dir = resolve_model(a.target, progress=not a.no_progress)
     target = load_model(model_dir, dtype=DTYPES[a.dtype], device=a.device)
     tok = Tokenizer(model_dir)
     eos = tok.eos_token_id if tok.eos_token_id is not None else target.cfg.eos_token_ids[0]
-    dcfg = DataConfig(sources=tuple(s for s in a.data.split(",") if s),
+    dcfg = DataConfig(sources=tuple(name for name, _ in sources),
                       max_tokens=a.max_tokens, holdout=a.holdout, seed=a.seed)
-    corpus = build_corpus(dcfg, tok.encode, eos)
+    mixture = build_mixture(a.data, dcfg, tok.encode, eos)
+    if not a.no_progress:
+        print(f"data: {mixture.tokens} tokens: {json.dumps(mixture.describe())}", flush=True)
     tcfg = TrainConfig(seq_len=a.seq_len, stage=a.stage, lr=a.lr, total_steps=a.steps,
-                       kl_weight=a.kl, max_lag=a.max_lag, seed=a.seed,
+                       kl_weight=a.kl, ce_weight=a.ce, batch=a.batch, max_lag=a.max_lag,
+                       seed=a.seed,
                        max_position=max(a.seq_len, target.cfg.context_limit))
     if a.init:
         draft = (load_draft(a.init, target.cfg) if is_own_checkpoint(a.init)
                  else load_longspec_checkpoint(a.init, target.cfg))
     else:
         draft = init_from_target(target, LongSpecConfig(sink=a.sink, window=a.window))
-    trainer = LongSpecTrainer(target, draft, tcfg, corpus.tokens, device=a.device)
+    if a.draft_vocab:
+        draft.set_draft_vocab(frequent_tokens(mixture, target.cfg.vocab_size, a.draft_vocab))
+    trainer = LongSpecTrainer(target, draft, tcfg, mixture, device=a.device)
     if a.resume and is_own_checkpoint(a.out) and (Path(a.out) / "trainer_state.pt").is_file():
         resume(trainer, a.out)
-    extra = {"data": {**asdict(dcfg), "tokens": int(corpus.tokens.shape[0]),
-                      "documents": corpus.documents, "held_out_traces": corpus.held_out},
+    held = sorted({h for part in mixture.parts for h in part.held_out})
+    extra = {"data": {**asdict(dcfg), "spec": a.data, "tokens": mixture.tokens,
+                      "sources": mixture.describe(), "held_out_traces": held},
              "target_name": a.target}
     losses = train(trainer, a.steps, a.out, save_every=a.save_every,
-                   progress=not a.no_progress, extra=extra)
+                   progress=not a.no_progress, extra=extra,
+                   max_seconds=None if a.max_minutes is None else 60 * a.max_minutes)
     if losses:
         print(f"step {trainer.step}: loss {losses[-1]:.4f} -> {Path(a.out) / 'draft.safetensors'}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

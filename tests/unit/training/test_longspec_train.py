@@ -15,7 +15,8 @@ from lsrt.runtime.runner import ModelRunner, RunnerConfig
 from lsrt.runtime.spec.longspec import (LongSpecConfig, LongSpecDrafter, init_from_target,
                                         make_longspec_drafter)
 from lsrt.runtime.spec.longspec_ckpt import load_draft
-from lsrt.runtime.training.data import DataConfig, build_corpus
+from lsrt.runtime.training.data import (DataConfig, Mixture, build_corpus, build_mixture,
+                                        parse_sources)
 from lsrt.runtime.training.longspec_train import (
     LongSpecTrainer, TrainConfig, anchor_offset_positions, draft_loss, lag_commit, main,
     resume, self_window_mask, train)
@@ -132,7 +133,7 @@ def test_training_steps_decrease_loss_on_fixed_batch(target):
     tr = LongSpecTrainer(target, perturbed_draft(target), cfg, stream(target.cfg.vocab_size,
                                                                       500))
     ids, pos, commit = tr.sample()
-    losses = [tr.step_on(ids, pos, commit) for _ in range(8)]
+    losses = [tr.step_on([(ids, pos, commit)]) for _ in range(8)]
     with torch.no_grad():
         final = float(draft_loss(tr.draft, target, tr.head, ids, pos, commit, 0.5))
     assert final < losses[0] - 0.1, losses
@@ -214,3 +215,91 @@ def test_corpus_tokens_and_holdout(tmp_path, smollm2_dir):
     assert corpus.held_out == ["t0", "t1"] and corpus.documents == 2
     text = tok.decode(corpus.tokens.tolist())
     assert "hi 2" in text and "hi 3" in text and "hi 0" not in text and "hi 1" not in text
+
+
+def test_pure_distillation_and_accumulated_batch(target):
+    """ce 0 + kl 1 trains toward the target; a batch of 2 equals the mean of two single-sample
+    gradients (gradient accumulation), so the optimizer step is the same."""
+    cfg = TrainConfig(seq_len=40, lr=3e-3, warmup=1, total_steps=10, max_position=4096,
+                      kl_weight=1.0, ce_weight=0.0)
+    tr = LongSpecTrainer(target, perturbed_draft(target), cfg,
+                         stream(target.cfg.vocab_size, 500))
+    batch = [tr.sample(), tr.sample()]
+    first = tr.step_on(batch)
+    for _ in range(6):
+        last = tr.step_on(batch)
+    assert 0 < last < first - 0.05  # a one-layer draft cannot match the target exactly
+    # Accumulation: one step on [a, b] == gradients averaged over a and b.
+    a, b = batch
+    grads = []
+    for samples in ([a, b], None):
+        draft = perturbed_draft(target, seed=3)
+        if samples is not None:
+            for ids, pos, commit in samples:
+                (draft_loss(draft, target, tr.head, ids, pos, commit, 1.0, 0.0) / 2).backward()
+        else:
+            t2 = LongSpecTrainer(target, draft, cfg, stream(target.cfg.vocab_size, 500))
+            for group in t2.opt.param_groups:
+                group["lr"] = 0.0
+            t2.opt.step = lambda: None  # keep the gradients for comparison
+            t2.opt.zero_grad = lambda set_to_none=True: None
+            t2.step_on([a, b])
+        grads.append([p.grad.clone() for p in draft.parameters()])
+    for g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_config_rejects_no_loss():
+    with pytest.raises(ValueError):
+        TrainConfig(ce_weight=0.0, kl_weight=0.0)
+    with pytest.raises(ValueError):
+        TrainConfig(batch=0)
+
+
+def test_time_limit_stops_with_checkpoint(target, tmp_path):
+    cfg = TrainConfig(seq_len=16, lr=1e-3, warmup=1, total_steps=1000, max_position=1024)
+    tr = LongSpecTrainer(target, init_from_target(target), cfg,
+                         stream(target.cfg.vocab_size, 300))
+    train(tr, 1000, tmp_path, save_every=10_000, progress=False, max_seconds=0.0)
+    assert tr.step == 1
+    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 1
+
+
+def test_mixture_sources_weights_and_token_files(tmp_path):
+    assert parse_sources("stdlib, traces@4,x.pt@0.5") == [("stdlib", 1.0), ("traces", 4.0),
+                                                          ("x.pt", 0.5)]
+    for bad in ("", "a@0", "a@x", "@3"):
+        with pytest.raises(ValueError):
+            parse_sources(bad)
+    torch.save(torch.arange(100, 200), tmp_path / "gen.pt")
+    (tmp_path / "a.txt").write_text("zzz")
+    mix = build_mixture(f"{tmp_path / 'gen.pt'}@3,{tmp_path / 'a.txt'}@1", DataConfig(),
+                        lambda text: [7] * 50, 2)
+    assert isinstance(mix, Mixture) and mix.tokens == 100 + 51
+    assert mix.describe()[str(tmp_path / "gen.pt")] == {"tokens": 100, "documents": 0,
+                                                        "weight": 3.0}
+    g = torch.Generator().manual_seed(0)
+    draws = [mix.sample(8, g) for _ in range(400)]
+    from_gen = sum(int(w[0]) >= 100 for w in draws)
+    assert 250 < from_gen < 350  # weight 3 : 1
+    for w in draws:
+        assert w.tolist() == list(range(int(w[0]), int(w[0]) + 8)) or set(w.tolist()) <= {7, 2}
+    torch.save(torch.zeros(3, 3), tmp_path / "bad.pt")
+    with pytest.raises(ValueError):
+        build_mixture(str(tmp_path / "bad.pt"), DataConfig(), lambda t: [1], 2)
+
+
+def test_frequent_tokens_weighted_by_source():
+    from lsrt.runtime.training.data import frequent_tokens
+
+    a = Mixture(parts=[], weights=[], names=[])
+    from lsrt.runtime.training.data import Corpus
+
+    # Source 1: token 5 dominates; source 2 (weight 3): token 7 dominates, 5 absent.
+    a.parts = [Corpus(tokens=torch.tensor([5] * 8 + [1, 2]), documents=1),
+               Corpus(tokens=torch.tensor([7] * 6 + [2] * 4), documents=1)]
+    a.weights, a.names = [1.0, 3.0], ["x", "y"]
+    assert frequent_tokens(a, 10, 4).tolist() == [7, 2, 5, 1]
+    assert frequent_tokens(a, 10, 10).tolist()[4:] == [0, 3, 4, 6, 8, 9]
+    with pytest.raises(ValueError):
+        frequent_tokens(a, 10, 0)
