@@ -19,6 +19,8 @@ from lsrt.runtime.config import ModelConfig
 from lsrt.runtime.spec.longspec import POSITIONS, LongSpecConfig, LongSpecDraft
 
 FORMAT = "lsrt-longspec-draft"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "drafts"  # lsrt/runtime/drafts/<name>/
+_DIGEST_ROWS = 256
 _PREFIXES = ("draft_model.", "glide.", "model.")  # how the published files may be prefixed
 _IGNORED = ("cross_attn.k_proj.", "cross_attn.v_proj.", "rotary_emb.")  # unused at inference
 
@@ -145,5 +147,37 @@ def load_draft(path: str | Path, target_cfg: ModelConfig) -> LongSpecDraft:
         raise ValueError(f"{path}: draft made for {meta['target']}, not this target")
     draft = LongSpecDraft(target_cfg, LongSpecConfig(sink=meta["sink"], window=meta["window"],
                                                      final_norm=meta["final_norm"]))
-    draft.load_state_dict(load_file(str(Path(path) / "draft.safetensors")))
+    state = load_file(str(Path(path) / "draft.safetensors"))
+    if "vocab_ids" in state:
+        draft.set_draft_vocab(state["vocab_ids"])
+    draft.load_state_dict(state)
     return draft
+
+
+@torch.no_grad()
+def target_digest(target) -> str:
+    """16 hex chars identifying a target by its weights, not its files: the first embedding
+    rows rounded to bfloat16 (the same whether the model was loaded in float32 or bfloat16, and
+    whichever converter wrote the safetensors)."""
+    import hashlib
+
+    rows = target.embed[:_DIGEST_ROWS].detach().to("cpu", torch.bfloat16).view(torch.int16)
+    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
+
+
+def find_bundled_draft(target) -> Path | None:
+    """The shipped draft directory trained for this target (matched by `target_digest` and
+    shape), or None."""
+    import json
+
+    if not BUNDLED_DIR.is_dir():
+        return None
+    digest, shape = None, _shape_fields(target.cfg)
+    for cfg_file in sorted(BUNDLED_DIR.glob("*/config.json")):
+        meta = json.loads(cfg_file.read_text())
+        if meta.get("format") != FORMAT or meta.get("target") != shape:
+            continue
+        digest = digest or target_digest(target)
+        if meta.get("target_digest") == digest:
+            return cfg_file.parent
+    return None

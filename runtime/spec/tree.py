@@ -54,6 +54,33 @@ class DraftTree:
                 node = index[key]
         return cls(tokens=tokens, parents=parents, source=source)
 
+    @classmethod
+    def merged(cls, trees: list["DraftTree"], max_nodes: int, source: str = "") -> "DraftTree":
+        """The union of deterministic trees with one root, as a trie: each tree's nodes in
+        order (parents first), shared prefixes stored once, at most `max_nodes` nodes (a node
+        whose parent did not fit is dropped). Trees with draft probabilities cannot merge."""
+        if not trees or any(t.tokens[0] != trees[0].tokens[0] for t in trees):
+            raise ValueError("merged trees need one common root")
+        if any(p is not None for t in trees for p in t.draft_probs):
+            raise ValueError("only deterministic trees (no draft_probs) can be merged")
+        tokens, parents = [trees[0].tokens[0]], [-1]
+        index: dict[tuple[int, int], int] = {}
+        for tree in trees:
+            where = {0: 0}  # node of this tree -> merged node
+            for i in range(1, len(tree)):
+                parent = where.get(tree.parents[i])
+                if parent is None:
+                    continue
+                key = (parent, tree.tokens[i])
+                if key not in index:
+                    if len(tokens) >= max_nodes:
+                        continue
+                    index[key] = len(tokens)
+                    tokens.append(tree.tokens[i])
+                    parents.append(parent)
+                where[i] = index[key]
+        return cls(tokens=tokens, parents=parents, source=source)
+
     def __len__(self) -> int:
         return len(self.tokens)
 

@@ -220,3 +220,91 @@ def test_make_longspec_drafter_default_is_lossless(tiny):
     params = SamplingParams(max_tokens=12)
     d = make_longspec_drafter(tiny.runner, widths=(2, 2))
     assert run(tiny, ids, d, params).token_ids == run(tiny, ids, None, params).token_ids
+
+
+def _vocab_drafter(llm: LLM, widths, ids: torch.Tensor | None, seed=1) -> LongSpecDrafter:
+    draft = init_from_target(llm.runner.model, LongSpecConfig(sink=4, window=16))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    draft.set_draft_vocab(ids)
+    return LongSpecDrafter(llm.runner, draft, widths=widths)
+
+
+def _propose(llm: LLM, ids: list[int], drafter: LongSpecDrafter, budget: int):
+    seq = llm.runner.new_sequence()
+    try:
+        llm.runner.prefill(seq, ids[:-1])
+        drafter.observe(ids)
+        drafter.bind(seq)
+        return drafter.propose(ids, budget)
+    finally:
+        seq.release()
+
+
+def test_draft_vocabulary(tiny, tmp_path):
+    """A draft vocabulary maps head rows back to token ids (a permuted full vocabulary drafts
+    the same tree), restricts drafts to its ids, survives save/load, and stays lossless."""
+    from lsrt.runtime.spec.longspec_ckpt import save_draft
+
+    vocab = tiny.runner.cfg.vocab_size
+    ids = repetitive_prompt(vocab, 90, seed=5)
+    full = _propose(tiny, ids, _vocab_drafter(tiny, (2, 3, 3), None), 9)
+    perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))
+    permuted = _propose(tiny, ids, _vocab_drafter(tiny, (2, 3, 3), perm), 9)
+    assert (permuted.tokens, permuted.parents) == (full.tokens, full.parents)
+    keep = sorted(set(ids))[::2]
+    part = _vocab_drafter(tiny, (2, 3, 3), torch.tensor(keep))
+    assert set(_propose(tiny, ids, part, 9).tokens[1:]) <= set(keep)
+    params = SamplingParams(max_tokens=24)
+    spec = run(tiny, ids, _vocab_drafter(tiny, (2, 3, 3), torch.tensor(keep)), params)
+    assert spec.token_ids == run(tiny, ids, None, params).token_ids
+    save_draft(part.draft, tmp_path)
+    loaded = make_longspec_drafter(tiny.runner, tmp_path, widths=(2, 3, 3))
+    assert loaded.head_ids == keep
+    with pytest.raises(ValueError):
+        part.draft.set_draft_vocab(torch.tensor([0, 0]))
+    with pytest.raises(ValueError):
+        part.draft.set_draft_vocab(torch.tensor([vocab]))
+
+
+def test_cross_buffer_grows_and_follows_rollback(smollm2_dir, tmp_path):
+    """The committed target K/V are copied into a fixed-capacity buffer that doubles when
+    outgrown (1024 -> 2048 here) and shrinks its valid length on rollback; proposals equal a
+    fresh drafter's at every point, and decoding stays lossless across the growth."""
+    make_tiny_model("llama", tmp_path, max_position=4096)
+    copy_tokenizer(smollm2_dir, tmp_path)
+    llm = LLM(tmp_path, RunnerConfig(kv_budget_mb=64, prefill_chunk=256, block_size=16))
+    ids = repetitive_prompt(llm.runner.cfg.vocab_size, 1200, seed=11)
+    seq = llm.runner.new_sequence()
+    try:
+        llm.runner.prefill(seq, ids[:1000])
+        live = drafter_for(llm, (2, 2, 2), seed=2)
+        live.bind(seq)
+        live.observe(ids[:1001])
+        live.propose(ids[:1001], 16)
+        assert live.xk.shape[1] == 1024 and live.x_len == 1000
+        llm.runner.prefill(seq, ids[1000:1150])
+        live.observe(ids[1001:1151])
+
+        def fresh_tree(n):
+            d = drafter_for(llm, (2, 2, 2), seed=2)
+            d.bind(seq)
+            d.observe(ids[:n])
+            t = d.propose(ids[:n], 16)
+            return t.tokens, t.parents
+
+        got = live.propose(ids[:1151], 16)
+        assert live.xk.shape[1] == 2048 and live.x_len == 1150
+        assert (got.tokens, got.parents) == fresh_tree(1151)
+        seq.truncate(1100)
+        live.rollback(1101)
+        assert live.x_len == 1100  # position 1100 is pending again: its K/V may change
+        got = live.propose(ids[:1101], 16)
+        assert (got.tokens, got.parents) == fresh_tree(1101)
+    finally:
+        seq.release()
+    params = SamplingParams(max_tokens=16)
+    assert run(llm, ids[:1030], drafter_for(llm, (2, 2, 2), seed=2), params).token_ids == \
+        run(llm, ids[:1030], None, params).token_ids
