@@ -18,4 +18,6 @@ for folder in FOLDERS:
         packages.append(f"lsrt.{folder}.{sub}")
         package_dir[f"lsrt.{folder}.{sub}"] = f"{folder}/{sub.replace('.', '/')}"
 
-setup(packages=packages, package_dir=package_dir, package_data={"lsrt.proto": ["*.proto", "*.pyi"]})
+setup(packages=packages, package_dir=package_dir, package_data={"lsrt.proto": ["*.proto", "*.pyi"],
+                    # shipped LongSpec drafts (runtime/drafts/<target>/): weights + config
+                    "lsrt.runtime": ["drafts/*/*.json", "drafts/*/*.safetensors"]})

@@ -27,6 +27,10 @@ def test_wheel_contains_every_subpackage(tmp_path):
     missing = sorted(expected - names)
     assert not missing, f"missing from the wheel: {missing}"
     assert "lsrt/proto/lsrt.proto" in names
+    drafts = sorted((ROOT / "runtime" / "drafts").glob("*/*"))  # shipped LongSpec drafts
+    assert any(d.name == "draft.safetensors" for d in drafts)
+    for draft in drafts:
+        assert f"lsrt/runtime/drafts/{draft.parent.name}/{draft.name}" in names
     # Every module of the source tree is shipped, not only the package markers.
     for folder in FOLDERS:
         for py in (ROOT / folder).rglob("*.py"):
