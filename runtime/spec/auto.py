@@ -1,37 +1,64 @@
-"""`auto` drafter: suffix matching when the history repeats itself, a model drafter otherwise,
-and no speculation at all when drafting does not pay.
+"""`auto` drafter: suffix matching when the history repeats itself, a model drafter where that
+pays, and no speculation at all when drafting does not.
 
-Per step: if the suffix index has a match, its tree is used (it costs nothing to build).
-Otherwise the choice between the model drafter and plain decoding is made by measured
-throughput: the wall time from one `propose` to the next is one whole step, and `observe` says
-how many tokens it emitted, so each mode keeps an exponential average of tokens per second. The
-slower mode is re-tried every `explore_every` steps so a change in context length (and with it
-the balance of KV and weight reads) is noticed; each exploration that confirms the loser doubles
-that interval (up to `max_explore_every`), so a drafter that never pays costs almost nothing.
+Each step falls in one of two situations, and in each the drafter picks between two arms by
+measured throughput:
+
+    the suffix index matches:  "suffix"  its tree alone (free to build)
+                               "merged"  the suffix tree and the model's tree in one budget
+    no match:                  "model"   the model drafter's tree
+                               "none"    plain decoding
+
+An arm's rating is (tokens per step) / (seconds per step). Seconds: the median of its recent
+steps, timed from `propose` to `observe` (one slow step, e.g. a cross-buffer resize, does not
+sink an arm). Tokens: *paired*, so that a stretch of repetitive or novel text does not favour
+whichever arm happened to run during it — on a merged step, `observe` knows what the suffix
+tree alone would have emitted (its longest path along the accepted tokens, plus the bonus), so
+suffix and merged are compared on the same steps; a plain step always emits one token, so the
+model is compared with it directly. An arm's first `warmup` steps are not counted: a model
+drafter's first proposals fill its own cache and, on CUDA, capture its graphs. The slower
+arm of a situation is re-tried every `explore_every` steps of that situation so a change in
+context length (and with it the balance of KV and weight reads) is noticed; each exploration
+that confirms the loser doubles that interval (up to `max_explore_every`), so an arm that never
+pays costs almost nothing. Without a model drafter the choice is fixed: suffix or none.
+
+Merging needs deterministic trees (no draft probabilities); the model gets half the node
+budget, the suffix tree the rest, shared prefixes counted once.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 
 from lsrt.runtime.spec.drafter import Drafter, DraftState
 from lsrt.runtime.spec.tree import DraftTree
+
+SITUATIONS = {"match": ("suffix", "merged"), "miss": ("model", "none")}
+ONLY_SUFFIX = {"match": ("suffix",), "miss": ("model", "none")}
 
 
 class AutoDrafter:
     name = "auto"
 
     def __init__(self, suffix: Drafter, model: Drafter | None, *, explore_every: int = 16,
-                 max_explore_every: int = 1024, decay: float = 0.8,
-                 clock=time.perf_counter) -> None:
+                 max_explore_every: int = 1024, window: int = 8, warmup: int = 3,
+                 merge: bool = True, clock=time.perf_counter) -> None:
         self.suffix, self.model = suffix, model
-        self.explore_every, self.decay, self.clock = explore_every, decay, clock
+        self.arms = SITUATIONS if merge else ONLY_SUFFIX
+        self.window, self.warmup, self.clock = window, warmup, clock
         self.max_explore_every = max_explore_every
+        self.explore_every = {s: explore_every for s in SITUATIONS}
+        self._steps = {s: 0 for s in SITUATIONS}
         self._explored: str | None = None  # the loser being re-tried this step
-        self.rate: dict[str, float] = {}  # mode -> EMA tokens/s
-        self.mode_counts: dict[str, int] = {"suffix": 0, "model": 0, "none": 0}
-        self._last: tuple[str, float] | None = None  # (mode, propose time) of the open step
-        self._steps = 0
+        self.rate: dict[str, float] = {}  # arm -> expected tokens/s (see _rate)
+        self._costs: dict[str, deque[float]] = {}  # arm -> recent seconds per step
+        self._pairs: deque[tuple[int, int]] = deque(maxlen=4 * window)  # merged, suffix alone
+        self._model_emitted: deque[int] = deque(maxlen=4 * window)
+        self._runs: dict[str, int] = {}  # steps each arm has run (the first `warmup` uncounted)
+        self._last: tuple | None = None  # (situation, arm, propose time, suffix tree)
+        self.mode_counts: dict[str, int] = {"suffix": 0, "merged": 0, "model": 0, "none": 0}
 
     def bind(self, seq) -> None:
         for d in (self.suffix, self.model):
@@ -43,15 +70,44 @@ class AutoDrafter:
         if self.model is not None:
             self.model.observe(tokens)
         if self._last is not None:
-            mode, t0 = self._last
+            situation, arm, t0, suffix_tree = self._last
             self._last = None
-            if mode != "suffix":
-                tps = len(tokens) / max(self.clock() - t0, 1e-9)
-                old = self.rate.get(mode)
-                self.rate[mode] = tps if old is None else self.decay * old + (1 - self.decay) * tps
-                if self._explored == mode and self._best() != mode:
-                    self.explore_every = min(2 * self.explore_every, self.max_explore_every)
-            self._explored = None
+            self._runs[arm] = self._runs.get(arm, 0) + 1
+            if self._runs[arm] > self.warmup:
+                self._record(situation, arm, self.clock() - t0, tokens, suffix_tree)
+        self._explored = None
+
+    def _record(self, situation: str, arm: str, seconds: float, tokens: list[int],
+                suffix_tree: DraftTree | None) -> None:
+        self._costs.setdefault(arm, deque(maxlen=self.window)).append(max(seconds, 1e-9))
+        if arm == "merged":  # what the suffix tree alone would have emitted on this very step
+            self._pairs.append((len(tokens), 1 + _accepted_in(suffix_tree, tokens[:-1])))
+        elif arm == "model":
+            self._model_emitted.append(len(tokens))
+        for a in SITUATIONS[situation]:
+            r = self._rate(a)
+            if r is not None:
+                self.rate[a] = r
+        if self._explored == arm and self._best(situation) != arm:
+            self.explore_every[situation] = min(2 * self.explore_every[situation],
+                                                self.max_explore_every)
+
+    def _rate(self, arm: str) -> float | None:
+        """Expected tokens per second of `arm`, or None until it has been measured. Tokens per
+        step of suffix vs merged come from the same (merged) steps, model vs none likewise,
+        so a stretch of easy or hard text does not favour whichever arm ran during it."""
+        costs = self._costs.get(arm)
+        if not costs:
+            return None
+        cost = statistics.median(costs)
+        if arm == "none":
+            return 1.0 / cost
+        if arm == "model":
+            return statistics.fmean(self._model_emitted) / cost if self._model_emitted else None
+        if not self._pairs:
+            return None
+        col = 0 if arm == "merged" else 1
+        return statistics.fmean(p[col] for p in self._pairs) / cost
 
     def rollback(self, num_tokens: int) -> None:
         self._last = None
@@ -59,33 +115,47 @@ class AutoDrafter:
         if self.model is not None:
             self.model.rollback(num_tokens)
 
-    def _pick_model_or_none(self) -> str:
-        if self.model is None:
-            return "none"
-        for mode in ("model", "none"):
-            if mode not in self.rate:
-                return mode
-        best = self._best()
-        if self._steps % self.explore_every == 0:
-            self._explored = "none" if best == "model" else "model"
+    def _best(self, situation: str) -> str:
+        return max(self.arms[situation], key=lambda arm: self.rate.get(arm, 0.0))
+
+    def _choose(self, situation: str) -> str:
+        arms = self.arms[situation]
+        if self.model is None or len(arms) == 1:
+            return arms[0] if situation == "match" else "none"
+        self._steps[situation] += 1
+        if any(self._rate(arm) is None for arm in arms):  # gather data: the least-run arm
+            return min(arms, key=lambda arm: self._runs.get(arm, 0))
+        best = self._best(situation)
+        if self._steps[situation] % self.explore_every[situation] == 0:
+            self._explored = arms[1] if best == arms[0] else arms[0]
             return self._explored
         return best
 
-    def _best(self) -> str:
-        return max(("model", "none"), key=lambda m: self.rate.get(m, 0.0))
-
     def propose(self, history: list[int], max_nodes: int) -> DraftTree | None:
-        self._steps += 1
         now = self.clock()
-        tree = self.suffix.propose(history, max_nodes)
-        if tree is not None and len(tree) > 1:
-            mode = "suffix"
-        else:
-            mode = self._pick_model_or_none()
-            tree = self.model.propose(history, max_nodes) if mode == "model" else None
-        self.mode_counts[mode] += 1
-        self._last = (mode, now)
+        tree = suffix_tree = self.suffix.propose(history, max_nodes)
+        situation = "match" if tree is not None and len(tree) > 1 else "miss"
+        arm = self._choose(situation)
+        if arm == "merged":
+            tree = self._merged(tree, history, max_nodes)
+        elif arm == "model":
+            tree = self.model.propose(history, max_nodes)
+        elif arm == "none":
+            tree = None
+        self.mode_counts[arm] += 1
+        self._last = (situation, arm, now, suffix_tree)
         return tree
+
+    def _merged(self, suffix_tree: DraftTree, history: list[int], max_nodes: int
+                ) -> DraftTree:
+        model_tree = self.model.propose(history, max(2, max_nodes // 2))
+        if model_tree is None or len(model_tree) < 2:
+            return suffix_tree
+        if any(p is not None for p in model_tree.draft_probs):
+            return model_tree  # a sampling drafter's tree keeps its probabilities whole
+        budget = max_nodes - len(model_tree) + 1  # suffix nodes first, the model's after
+        head = suffix_tree.truncated(max(1, budget)) if len(suffix_tree) > budget else suffix_tree
+        return DraftTree.merged([head, model_tree], max_nodes, source="merged")
 
     def export_state(self) -> DraftState | None:
         return self.model.export_state() if self.model is not None else None
@@ -94,3 +164,16 @@ class AutoDrafter:
         if self.model is None:
             raise ValueError("auto without a model drafter keeps no state")
         self.model.import_state(state)
+
+
+def _accepted_in(tree: DraftTree | None, tokens: list[int]) -> int:
+    """How many of `tokens` (an accepted run) follow one path of `tree` from its root."""
+    if tree is None:
+        return 0
+    node = n = 0
+    for tok in tokens:
+        node = next((c for c in tree.children[node] if tree.tokens[c] == tok), -1)
+        if node < 0:
+            break
+        n += 1
+    return n

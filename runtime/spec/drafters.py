@@ -6,8 +6,11 @@
     model:NAME        a smaller model with the same tokenizer and a constant-size cache
     longspec[:PATH]   LongSpec's one-layer draft (sliding-window self-attention + cross-attention
                       into the target's last-layer KV); no PATH: initialised from the target
-    auto              suffix when it matches, else `self` (or model:NAME given as auto:NAME),
-                      else plain decoding — chosen by measured throughput
+    auto              suffix when it matches (alone, or merged with the model drafter's tree),
+                      else the model drafter, else plain decoding — chosen by measured
+                      throughput. The model drafter: the shipped LongSpec draft when one was
+                      trained for this target, else `self`; or explicitly auto:self,
+                      auto:longspec[:PATH], auto:NAME (a draft model)
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from lsrt.runtime.spec.drafter import Drafter
 if TYPE_CHECKING:
     from lsrt.runtime.llm import LLM
 
-DRAFT_KINDS = ("none", "suffix", "self", "model:NAME", "longspec[:PATH]", "auto", "auto:NAME")
+DRAFT_KINDS = ("none", "suffix", "self", "model:NAME", "longspec[:PATH]", "auto", "auto:self",
+               "auto:longspec[:PATH]", "auto:NAME")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +34,7 @@ class DraftOptions:
     window: int = 1020
     depth: int = 4  # chain length of the self / model drafters
     widths: tuple[int, ...] = ()  # longspec tree: nodes per depth (empty: its default)
+    merge: bool = True  # auto: may merge the model's tree into a suffix match
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1 or self.depth < 1:
@@ -55,19 +60,32 @@ def make_drafter(spec: str, llm: "LLM", options: DraftOptions | None = None) -> 
     if kind == "model" and arg:
         return _model_drafter(arg, llm, opts)
     if kind == "longspec":
-        from lsrt.runtime.spec.longspec import make_longspec_drafter
-
-        extra = {"widths": opts.widths} if opts.widths else {}
-        return make_longspec_drafter(llm.runner, arg or None, **extra)
+        return _longspec_drafter(arg, llm, opts)
     if kind == "auto":
         from lsrt.runtime.spec.auto import AutoDrafter
         from lsrt.runtime.spec.self_draft import SelfDrafter
         from lsrt.runtime.spec.suffix import SuffixDrafter
 
-        model = (_model_drafter(arg, llm, opts) if arg else
-                 SelfDrafter(llm.runner, sink=opts.sink, window=opts.window, depth=opts.depth))
-        return AutoDrafter(SuffixDrafter(), model)
+        inner, _, inner_arg = arg.partition(":")
+        if not arg:  # the shipped LongSpec draft for this target if there is one, else self
+            from lsrt.runtime.spec.longspec_ckpt import find_bundled_draft
+
+            inner = "longspec" if find_bundled_draft(llm.runner.model) else "self"
+        if inner == "longspec":
+            model = _longspec_drafter(inner_arg, llm, opts)
+        elif inner == "self" and not inner_arg:
+            model = SelfDrafter(llm.runner, sink=opts.sink, window=opts.window, depth=opts.depth)
+        else:
+            model = _model_drafter(arg, llm, opts)
+        return AutoDrafter(SuffixDrafter(), model, merge=opts.merge)
     raise InvalidRequest(f"unknown drafter {spec!r}; expected one of {', '.join(DRAFT_KINDS)}")
+
+
+def _longspec_drafter(path: str, llm: "LLM", opts: DraftOptions) -> Drafter:
+    from lsrt.runtime.spec.longspec import make_longspec_drafter
+
+    extra = {"widths": opts.widths} if opts.widths else {}
+    return make_longspec_drafter(llm.runner, path or None, **extra)
 
 
 def _model_drafter(name: str, llm: "LLM", opts: DraftOptions) -> Drafter:

@@ -1,7 +1,10 @@
-"""AutoDrafter's mode choice: suffix when it matches, else the faster of model / none by
-measured throughput, with exploration that backs off when the loser keeps losing."""
+"""AutoDrafter's arm choice by measured throughput: suffix vs merged (suffix + model) when the
+suffix index matches, model vs none when it does not, with exploration that backs off when the
+loser keeps losing; and the merged tree itself."""
 
 from __future__ import annotations
+
+import pytest
 
 from lsrt.runtime.spec.auto import AutoDrafter
 from lsrt.runtime.spec.tree import DraftTree
@@ -48,12 +51,36 @@ def drive(auto: AutoDrafter, clock: Clock, steps: int, cost: dict[str, float],
     return modes
 
 
-def test_suffix_match_wins_without_measurement():
+def test_without_a_model_the_choice_is_fixed():
     clock = Clock()
-    auto = AutoDrafter(Fixed("suffix", DraftTree.chain(3, [4, 5])), Fixed("m", None),
-                       clock=clock)
-    assert drive(auto, clock, 5, {"suffix": 1, "model": 1, "none": 1},
-                 {"suffix": 3, "model": 1, "none": 1}) == ["suffix"] * 5
+    auto = AutoDrafter(Fixed("suffix", DraftTree.chain(3, [4, 5])), None, clock=clock)
+    assert drive(auto, clock, 5, {"suffix": 1}, {"suffix": 3}) == ["suffix"] * 5
+    auto = AutoDrafter(Fixed("suffix", None), None, clock=clock)
+    assert drive(auto, clock, 5, {"none": 1}, {"none": 1}) == ["none"] * 5
+
+
+@pytest.mark.parametrize("merged_emits, merged_cost, winner", [
+    ([4, 5, 6], 1.1, "suffix"),     # the model's part never helps: suffix alone emits as much
+    ([9, 9, 9, 7], 1.1, "merged"),  # the model's path is accepted: 4 tokens vs suffix's 1
+    ([9, 9, 9, 7], 5.0, "suffix"),  # ... but at 5x the cost it does not pay
+])
+def test_match_picks_suffix_or_merged_on_paired_steps(merged_emits, merged_cost, winner):
+    """Suffix vs merged is judged on the same (merged) steps: what suffix alone would have
+    emitted there is read off the accepted tokens, whatever suffix-only steps emitted."""
+    clock = Clock()
+    auto = AutoDrafter(Fixed("suffix", DraftTree.chain(3, [4, 5])),
+                       Fixed("m", DraftTree.chain(3, [9, 9, 9])), explore_every=4, clock=clock)
+    modes = []
+    for _ in range(300):
+        before = dict(auto.mode_counts)
+        auto.propose([1, 2, 3], 16)
+        mode = next(m for m in auto.mode_counts if auto.mode_counts[m] != before[m])
+        modes.append(mode)
+        clock.t += merged_cost if mode == "merged" else 1.0
+        # Suffix-only steps emit 3 tokens (easy text happened to fall on them).
+        auto.observe(merged_emits if mode == "merged" else [4, 5, 6])
+    assert set(modes) == {"suffix", "merged"}  # a match never falls back to model / none
+    assert modes[100:].count(winner) > 0.85 * len(modes[100:]), auto.rate
 
 
 def test_slow_model_drafter_is_turned_off_and_explored_ever_less():
@@ -64,7 +91,7 @@ def test_slow_model_drafter_is_turned_off_and_explored_ever_less():
     modes = drive(auto, clock, 400, {"model": 10.0, "none": 1.0, "suffix": 1.0},
                   {"model": 2, "none": 1, "suffix": 1})
     assert modes.count("none") > 0.9 * len(modes)
-    assert auto.explore_every > 4  # backed off
+    assert auto.explore_every["miss"] > 4  # backed off
     late = modes[200:]
     assert late.count("model") <= 2
 
@@ -76,3 +103,53 @@ def test_fast_model_drafter_is_kept():
     modes = drive(auto, clock, 200, {"model": 1.2, "none": 1.0, "suffix": 1.0},
                   {"model": 3, "none": 1, "suffix": 1})
     assert modes[50:].count("model") > 0.85 * len(modes[50:])
+
+
+def test_merged_tree_proposal_shares_prefixes_within_budget():
+    clock = Clock()
+    suffix = Fixed("suffix", DraftTree.from_paths(3, [[4, 5, 6, 7], [8]]))
+    model = Fixed("m", DraftTree.from_paths(3, [[4, 5, 9], [10]]))
+    auto = AutoDrafter(suffix, model, clock=clock)
+    tree = auto._merged(suffix.tree, [1, 2, 3], 16)
+    assert tree.source == "merged"
+    paths = {tuple(tree.tokens[i] for i in tree.path_to(n)[1:]) for n in range(len(tree))
+             if not tree.children[n]}
+    assert paths == {(4, 5, 6, 7), (8,), (4, 5, 9), (10,)}
+    assert len(tree) == 1 + 4 + 1 + 1 + 1  # 4 and 5 stored once
+
+
+def test_draft_tree_merged_budget_and_errors():
+    a = DraftTree.from_paths(1, [[2, 3, 4, 5]])
+    b = DraftTree.from_paths(1, [[2, 6], [7]])
+    m = DraftTree.merged([a, b], 6)
+    assert m.tokens == [1, 2, 3, 4, 5, 6] and m.parents == [-1, 0, 1, 2, 3, 1]
+    assert len(DraftTree.merged([a, b], 100)) == 7
+    assert DraftTree.merged([a], 3).tokens == [1, 2, 3]
+    with pytest.raises(ValueError):
+        DraftTree.merged([a, DraftTree.chain(9, [2])], 8)
+
+
+@pytest.mark.parametrize("warmup", [1, 3])
+def test_an_arms_first_steps_are_not_measured(warmup):
+    """Slow first steps (a drafter filling its cache, capturing its graphs) and a later
+    outlier do not bench a fast arm."""
+    clock = Clock()
+    auto = AutoDrafter(Fixed("suffix", None), Fixed("m", DraftTree.chain(3, [4, 5])),
+                       explore_every=1000, warmup=warmup, clock=clock)
+    calls = {"model": 0}
+
+    def cost_model():
+        calls["model"] += 1
+        return 50.0 if calls["model"] <= warmup or calls["model"] == 8 else 1.2
+
+    modes = []
+    for _ in range(40):
+        before = dict(auto.mode_counts)
+        auto.propose([1, 2, 3], 16)
+        mode = next(m for m in auto.mode_counts if auto.mode_counts[m] != before[m])
+        modes.append(mode)
+        clock.t += cost_model() if mode == "model" else 1.0
+        auto.observe([0] * (3 if mode == "model" else 1))
+    n = warmup + 1
+    assert sorted(modes[:2 * n]) == ["model"] * n + ["none"] * n  # both warmed up and measured
+    assert modes[2 * n:].count("model") == 40 - 2 * n  # the 8th model step's outlier is ignored
