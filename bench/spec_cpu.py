@@ -4,7 +4,11 @@ transformers' `generate` (plain, prompt lookup, assistant model), same turns, sa
     python bench/spec_cpu.py [--model smollm2-135m] [--traces FILE ...] [--max-traces 3]
         [--turns-per-trace 3] [--max-new 48] [--max-context 6144] [--max-chars 6000]
         [--configs none suffix self auto] [--hf plain lookup assisted] [--draft-model NAME]
-        [--profile CONFIG]
+        [--profile CONFIG] [--skip-traces N]
+
+A config may end in `#W1,W2,...`: the longspec tree widths for that config (e.g.
+`longspec#2,2,2,2,2,2`), or `#nomerge` (`auto` without its merged suffix + model arm). `--skip-traces 3` replays held-in traces only (`lsrt train-draft`
+holds out the first 3 of every file).
 
 Each trace is one session: lsrt keeps one KV sequence per (trace, config) that grows turn by
 turn (only the new tokens of a turn are prefilled, as the session manager does); the history
@@ -61,12 +65,13 @@ class Tally:
 class LsrtRun:
     """One lsrt configuration replaying one trace: a resident sequence and its drafter."""
 
-    def __init__(self, llm, spec: str, options) -> None:
+    def __init__(self, llm, spec: str) -> None:
         from lsrt.runtime.spec.drafters import make_drafter
 
         self.llm, self.spec = llm, spec
         self.seq = llm.runner.new_sequence()
-        self.drafter = make_drafter(spec, llm, options)
+        draft, options = split_spec(spec)
+        self.drafter = make_drafter(draft, llm, options)
         self.history: list[int] = []
 
     def turn(self, turn: ReplayTurn, max_new: int, tally: Tally, prof: cProfile.Profile | None
@@ -102,6 +107,17 @@ class LsrtRun:
 
     def close(self) -> None:
         self.seq.release()
+
+
+def split_spec(spec: str):
+    """`"longspec:DIR#2,2,2"` -> ("longspec:DIR", DraftOptions(widths=(2, 2, 2)))."""
+    from lsrt.runtime.spec.drafters import DraftOptions
+
+    draft, _, extra = spec.partition("#")
+    merge = extra != "nomerge"
+    widths = extra if merge else ""
+    return draft, DraftOptions(widths=tuple(int(w) for w in widths.split(",")) if widths
+                               else (), merge=merge)
 
 
 class FirstTokenTimer:
@@ -179,6 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--traces", nargs="+", default=[str(TRACES_DIR / "swe_agent_demos.jsonl")])
     ap.add_argument("--max-traces", type=int, default=3)
+    ap.add_argument("--skip-traces", type=int, default=0,
+                    help="start after this many traces of each file")
     ap.add_argument("--turns-per-trace", type=int, default=3)
     ap.add_argument("--max-new", type=int, default=48)
     ap.add_argument("--max-context", type=int, default=6144, help="prompt token cap per turn")
@@ -192,6 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--draft-model", default=None)
     ap.add_argument("--profile", default=None, help="cProfile this lsrt config's decoding")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu (float32) or cuda (bfloat16, CUDA graphs; use --hf with none)")
     args = ap.parse_args(argv)
     if args.configs is None:
         args.configs = ["none", "suffix", "self", "auto"]
@@ -215,7 +235,8 @@ def warm_up(llm, hf_models: dict, args) -> None:
     for spec in args.configs:
         seq = llm.runner.new_sequence()
         llm.runner.prefill(seq, ids[:-1])
-        drafter = make_drafter(spec, llm)
+        draft, options = split_spec(spec)
+        drafter = make_drafter(draft, llm, options)
         if drafter is not None:
             drafter.observe(ids)
         llm.engine.generate(seq, list(ids), SamplingParams(max_tokens=4), drafter=drafter)
@@ -225,9 +246,7 @@ def warm_up(llm, hf_models: dict, args) -> None:
 
 
 def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
-    from lsrt.runtime.spec.drafters import DraftOptions
-
-    traces = load_traces(path, limit=args.max_traces)
+    traces = load_traces(path, limit=args.skip_traces + args.max_traces)[args.skip_traces:]
     names = [f"lsrt {c}" for c in args.configs] + [f"hf {k}" for k in args.hf]
     tallies = {n: Tally() for n in names}
     ok = True
@@ -236,7 +255,7 @@ def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
         turns = replay_turns(llm.tokenizer, trace, turns=args.turns_per_trace,
                              max_chars=args.max_chars,
                              max_prompt_tokens=args.max_context - args.max_new - 1)
-        runs = {c: LsrtRun(llm, c, DraftOptions()) for c in args.configs}
+        runs = {c: LsrtRun(llm, c) for c in args.configs}
         try:
             for turn in turns:
                 out: dict[str, list[int]] = {}
@@ -277,8 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     from lsrt.runtime.runner import RunnerConfig
 
     print("command: python " + shlex.join(sys.argv))
-    print(f"load average at start: {os.getloadavg()}; torch threads {torch.get_num_threads()}")
-    llm = LLM.load(args.model, RunnerConfig(kv_budget_mb=3072), progress=False)
+    print(f"load average at start: {os.getloadavg()}; torch threads {torch.get_num_threads()}; "
+          f"device {args.device}")
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    llm = LLM.load(args.model, RunnerConfig(kv_budget_mb=3072, device=args.device, dtype=dtype),
+                   progress=False)
     llm.engine.eos_ids = ()  # benchmark only: every engine generates exactly --max-new tokens
     hf_models = {}
     if args.hf:

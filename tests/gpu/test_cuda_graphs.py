@@ -26,7 +26,10 @@ REL_MARGIN = 0.05  # near-tie margin, relative to the row's largest |logit|
 
 
 def _bench_module():
-    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_graphs.py"
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    if str(bench) not in sys.path:  # gpu_graphs imports its sibling gpu_step
+        sys.path.insert(0, str(bench))
+    path = bench / "gpu_graphs.py"
     spec = importlib.util.spec_from_file_location("lsrt_bench_gpu_graphs", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -43,7 +43,7 @@ def teacher_forced(llm, prompt: list[int], out: list[int]) -> list[tuple[int, fl
     return flips
 
 
-@pytest.mark.parametrize("draft", ["none", "suffix", "self", "auto"])
+@pytest.mark.parametrize("draft", ["none", "suffix", "self", "auto", "longspec", "auto:self"])
 def test_teacher_forced_greedy(gpu_llm, draft):
     from lsrt.runtime.sampling import SamplingParams
 
@@ -55,6 +55,36 @@ def test_teacher_forced_greedy(gpu_llm, draft):
           f"{done.generation.stats.mean_accepted_per_step:.2f}/step, near-ties {flips}")
     assert all(m <= MARGIN for _, m in flips), flips
     assert len(flips) <= 3
+
+
+def test_graphed_longspec_proposals_equal_eager(gpu_llm):
+    """The shipped draft's proposal replayed from a CUDA graph equals the same computation run
+    eagerly, at several context lengths (the cross buffer grows past 1024 on the way)."""
+    from lsrt.runtime.spec.longspec import LongSpecDrafter, make_longspec_drafter
+
+    text = open(__file__).read() * 6
+    ids = gpu_llm.tokenizer.encode(text)[:2600]
+    graphed = make_longspec_drafter(gpu_llm.runner)
+    assert graphed.use_graphs and graphed.head_ids is not None  # the shipped draft, graphed
+    eager = LongSpecDrafter(gpu_llm.runner, graphed.draft, widths=graphed.widths,
+                            use_graphs=False)
+    seq = gpu_llm.runner.new_sequence()
+    try:
+        done = 0
+        for n in (700, 701, 1500, 2600):
+            gpu_llm.runner.prefill(seq, ids[done:n - 1])
+            done = n - 1
+            trees = []
+            for d in (graphed, eager):
+                d.bind(seq)
+                d.observe(ids[len(d.history):n])
+                for _ in range(4):  # the 3rd use of a shape captures it, the 4th replays
+                    t = d.propose(ids[:n], 16)
+                    trees.append((d.name, tuple(t.tokens), tuple(t.parents)))
+            assert len({tree[1:] for tree in trees}) == 1, n
+        assert graphed._graphs  # it did replay a graph
+    finally:
+        seq.release()
 
 
 def test_multi_turn_session_bf16(gpu_llm, tmp_path):

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# How the shipped SmolLM2-135M LongSpec draft (runtime/drafts/smollm2-135m/) was made, on one
+# H100, in calls of at most 10 minutes (the lent GPU's limit). Run from the repository root:
+#
+#   bench/smollm2_draft_gpu.sh gen     # the target's own continuations of held-in trace turns
+#   bench/smollm2_draft_gpu.sh short   # short stage: 2K windows, Anchor-Offset positions
+#   bench/smollm2_draft_gpu.sh long    # long stage: 6K windows, plain positions
+#   bench/smollm2_draft_gpu.sh eval    # acceptance vs suffix/self/auto (bench/gpu_e2e.py)
+#
+# Every stage resumes: re-running `short` or `long` continues from its last checkpoint.
+# Environment: MODEL (a .gguf or registry name; default smollm2-135m), TRACES_DIR (default
+# ../shared/data/agent-traces), WORK (default /tmp/lsrt), MINUTES (per training call), OUT
+# (where the finished draft is copied in bf16; optional).
+set -euo pipefail
+
+STAGE=${1:?usage: $0 gen|short|long|eval}
+MODEL=${MODEL:-smollm2-135m}
+TRACES_DIR=${TRACES_DIR:-../shared/data/agent-traces}
+WORK=${WORK:-/tmp/lsrt}
+MINUTES=${MINUTES:-5}
+PY=${PYTHON:-python}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+TRACES=("$TRACES_DIR"/swe_agent_demos.jsonl "$TRACES_DIR"/mini_swe_agent_gemini3pro.jsonl
+        "$TRACES_DIR"/tau_bench_gpt4o_airline.jsonl)
+mkdir -p "$WORK/runs"
+
+COMMON=(--target "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --kl 1 --ce 0 --max-lag 6
+        --sink 4 --window 512 --save-every 200 --resume)
+
+export_bf16() {  # $1: run dir -> $OUT/draft (bf16 weights + config)
+    [ -n "${OUT:-}" ] || return 0
+    mkdir -p "$OUT/draft"
+    "$PY" - "$1" "$OUT/draft" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+import torch
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+w = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(src / "draft.safetensors").items()}
+save_file(w, dst / "draft.safetensors")
+shutil.copy(src / "config.json", dst / "config.json")
+print("exported", sum(v.numel() for v in w.values()), "parameters (bf16) to", dst)
+EOF
+}
+
+case "$STAGE" in
+gen)
+    "$PY" -m lsrt.runtime.training.selfgen --target "$MODEL" --device "$DEVICE" --traces "${TRACES[@]}" \
+        --out "$WORK/gen.pt" --max-new 256 --keep-context 1024 --max-minutes "${GEN_MINUTES:-2.5}" \
+        --no-progress
+    ;;
+short)
+    "$PY" -m lsrt.runtime.training.longspec_train "${COMMON[@]}" --out "$WORK/runs/short" \
+        --data "stdlib@2,${TRACES[0]}@1,${TRACES[1]}@1,${TRACES[2]}@1,$WORK/gen.pt@3" \
+        --stage short --seq-len 2048 --batch 4 --lr 3e-4 --steps 4000 --max-tokens 8000000 \
+        --max-minutes "$MINUTES"
+    export_bf16 "$WORK/runs/short"
+    ;;
+long)
+    INIT=()
+    [ -f "$WORK/runs/long/trainer_state.pt" ] || INIT=(--init "$WORK/runs/short")
+    "$PY" -m lsrt.runtime.training.longspec_train "${COMMON[@]}" "${INIT[@]}" --out "$WORK/runs/long" \
+        --data "stdlib@1,${TRACES[0]}@1,${TRACES[1]}@1,${TRACES[2]}@1,$WORK/gen.pt@3" \
+        --stage long --seq-len 6144 --batch 1 --lr 1e-4 --steps 1500 --max-tokens 8000000 \
+        --max-minutes "$MINUTES"
+    export_bf16 "$WORK/runs/long"
+    ;;
+eval)
+    RUN=${RUN:-$WORK/runs/long}
+    for skip in 3 0; do  # held-in traces first, then the held-out ones
+        "$PY" bench/gpu_e2e.py --device "$DEVICE" --model "$MODEL" --traces "${TRACES[0]}" --skip $skip \
+            --prompts "${PROMPTS:-6}" --new 128 --no-hf \
+            --drafts none suffix self auto "longspec:$RUN" "longspec:$RUN#1,1,1,1,1,1" \
+                "longspec:$RUN#2,2,2,2,2,2" "longspec:$RUN#3,3,3,3,3" "auto:longspec:$RUN" \
+                "auto:longspec:$RUN#2,2,2,2,2,2"
+    done
+    ;;
+*)
+    echo "unknown stage $STAGE" >&2; exit 2 ;;
+esac
