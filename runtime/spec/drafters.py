@@ -77,7 +77,9 @@ def make_drafter(spec: str, llm: "LLM", options: DraftOptions | None = None) -> 
             model = SelfDrafter(llm.runner, sink=opts.sink, window=opts.window, depth=opts.depth)
         else:
             model = _model_drafter(arg, llm, opts)
-        return AutoDrafter(SuffixDrafter(), model, merge=opts.merge)
+        # Uncounted warm-up steps per arm: on CUDA a drafter also captures its graphs then.
+        warmup = 3 if llm.runner.model.device.type == "cuda" else 1
+        return AutoDrafter(SuffixDrafter(), model, merge=opts.merge, warmup=warmup)
     raise InvalidRequest(f"unknown drafter {spec!r}; expected one of {', '.join(DRAFT_KINDS)}")
 
 
