@@ -38,16 +38,18 @@ class Clock:
         return self.t
 
 
-def drive(auto: AutoDrafter, clock: Clock, steps: int, cost: dict[str, float],
-          emitted: dict[str, int]) -> list[str]:
+def drive(auto: AutoDrafter, clock: Clock, steps: int, cost, emitted) -> list[str]:
+    """Run `steps` steps; each costs `cost[mode]` seconds and emits `emitted[mode]` tokens
+    (a count of zeros, or a token list). `cost` and `emitted` may be functions of the mode."""
     modes = []
     for _ in range(steps):
         before = dict(auto.mode_counts)
         auto.propose([1, 2, 3], 16)
         mode = next(m for m in auto.mode_counts if auto.mode_counts[m] != before[m])
         modes.append(mode)
-        clock.t += cost[mode]
-        auto.observe([0] * emitted[mode])
+        clock.t += cost(mode) if callable(cost) else cost[mode]
+        out = emitted(mode) if callable(emitted) else emitted[mode]
+        auto.observe([0] * out if isinstance(out, int) else out)
     return modes
 
 
@@ -70,15 +72,9 @@ def test_match_picks_suffix_or_merged_on_paired_steps(merged_emits, merged_cost,
     clock = Clock()
     auto = AutoDrafter(Fixed("suffix", DraftTree.chain(3, [4, 5])),
                        Fixed("m", DraftTree.chain(3, [9, 9, 9])), explore_every=4, clock=clock)
-    modes = []
-    for _ in range(300):
-        before = dict(auto.mode_counts)
-        auto.propose([1, 2, 3], 16)
-        mode = next(m for m in auto.mode_counts if auto.mode_counts[m] != before[m])
-        modes.append(mode)
-        clock.t += merged_cost if mode == "merged" else 1.0
-        # Suffix-only steps emit 3 tokens (easy text happened to fall on them).
-        auto.observe(merged_emits if mode == "merged" else [4, 5, 6])
+    # Suffix-only steps emit 3 tokens (easy text happened to fall on them).
+    modes = drive(auto, clock, 300, lambda m: merged_cost if m == "merged" else 1.0,
+                  lambda m: merged_emits if m == "merged" else [4, 5, 6])
     assert set(modes) == {"suffix", "merged"}  # a match never falls back to model / none
     assert modes[100:].count(winner) > 0.85 * len(modes[100:]), auto.rate
 
@@ -142,14 +138,8 @@ def test_an_arms_first_steps_are_not_measured(warmup):
         calls["model"] += 1
         return 50.0 if calls["model"] <= warmup or calls["model"] == 8 else 1.2
 
-    modes = []
-    for _ in range(40):
-        before = dict(auto.mode_counts)
-        auto.propose([1, 2, 3], 16)
-        mode = next(m for m in auto.mode_counts if auto.mode_counts[m] != before[m])
-        modes.append(mode)
-        clock.t += cost_model() if mode == "model" else 1.0
-        auto.observe([0] * (3 if mode == "model" else 1))
+    modes = drive(auto, clock, 40, lambda m: cost_model() if m == "model" else 1.0,
+                  {"model": 3, "none": 1})
     n = warmup + 1
     assert sorted(modes[:2 * n]) == ["model"] * n + ["none"] * n  # both warmed up and measured
     assert modes[2 * n:].count("model") == 40 - 2 * n  # the 8th model step's outlier is ignored
