@@ -52,7 +52,6 @@ class AutoDrafter:
         self.explore_every = {s: explore_every for s in SITUATIONS}
         self._steps = {s: 0 for s in SITUATIONS}
         self._explored: str | None = None  # the loser being re-tried this step
-        self.rate: dict[str, float] = {}  # arm -> expected tokens/s (see _rate)
         self._costs: dict[str, deque[float]] = {}  # arm -> recent seconds per step
         self._pairs: deque[tuple[int, int]] = deque(maxlen=4 * window)  # merged, suffix alone
         self._model_emitted: deque[int] = deque(maxlen=4 * window)
@@ -84,13 +83,15 @@ class AutoDrafter:
             self._pairs.append((len(tokens), 1 + _accepted_in(suffix_tree, tokens[:-1])))
         elif arm == "model":
             self._model_emitted.append(len(tokens))
-        for a in SITUATIONS[situation]:
-            r = self._rate(a)
-            if r is not None:
-                self.rate[a] = r
         if self._explored == arm and self._best(situation) != arm:
             self.explore_every[situation] = min(2 * self.explore_every[situation],
                                                 self.max_explore_every)
+
+    @property
+    def rate(self) -> dict[str, float]:
+        """Expected tokens/s of every measured arm (for reports)."""
+        rates = {arm: self._rate(arm) for arms in SITUATIONS.values() for arm in arms}
+        return {arm: r for arm, r in rates.items() if r is not None}
 
     def _rate(self, arm: str) -> float | None:
         """Expected tokens per second of `arm`, or None until it has been measured. Tokens per
@@ -116,7 +117,7 @@ class AutoDrafter:
             self.model.rollback(num_tokens)
 
     def _best(self, situation: str) -> str:
-        return max(self.arms[situation], key=lambda arm: self.rate.get(arm, 0.0))
+        return max(self.arms[situation], key=lambda arm: self._rate(arm) or 0.0)
 
     def _choose(self, situation: str) -> str:
         arms = self.arms[situation]

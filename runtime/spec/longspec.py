@@ -230,7 +230,6 @@ class LongSpecDrafter:
         # The head rows drafts are drawn from (all, or the draft vocabulary's), and their ids.
         self.head = (runner.model.lm_head if ids is None
                      else runner.model.lm_head[ids.to(runner.model.device)].contiguous())
-        self.head_ids: list[int] | None = None if ids is None else ids.tolist()
         self.head_ids_t = None if ids is None else ids.to(runner.model.device)
         self.sink, self.window = draft.lcfg.sink, draft.lcfg.window
         cfg = runner.cfg
@@ -258,6 +257,11 @@ class LongSpecDrafter:
         self._graphs: dict[tuple, tuple] = {}  # (level sizes, capacity) -> graph, outputs
         self._uses: dict[tuple, int] = {}  # proposals per key (short runs stay eager)
         self._mempool = None
+
+    @property
+    def head_ids(self) -> list[int] | None:
+        """The draft vocabulary's token ids (None: the whole vocabulary)."""
+        return None if self.head_ids_t is None else self.head_ids_t.tolist()
 
     def bind(self, seq: KVSequence) -> None:
         self.seq = seq
