@@ -15,31 +15,27 @@ minus generate(1)). Speedups are against lsrt plain decoding measured in the sam
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
+import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from draft_specs import split_spec  # noqa: E402
+
 
 def trace_prompts(llm, path: Path, count: int, max_tokens: int, skip: int = 0
                   ) -> list[list[int]]:
-    prompts = []
-    for line in path.read_text().splitlines()[skip:]:
-        msgs = json.loads(line)["messages"]
-        hist: list[dict] = []
-        for m in msgs:
-            if m["role"] == "assistant" and len(hist) > 1:
-                ids = llm.tokenizer.apply_chat(hist, add_generation_prompt=True)
-                if len(ids) > 256:
-                    prompts.append(ids[-max_tokens:])
-                    break
-            role = "user" if m["role"] == "tool" else m["role"]
-            hist.append({"role": role, "content": (m.get("content") or "")[:6000]})
-        if len(prompts) >= count:
-            break
-    return prompts
+    """The first assistant turn (after at least two messages, prompt over 256 tokens) of each
+    trace after the first `skip`, its last `max_tokens` tokens, for `count` traces."""
+    from lsrt.runtime.training.selfgen import trace_turn_prompts
+
+    return list(islice(trace_turn_prompts(llm.tokenizer, path, holdout=skip,
+                                          max_prompt=max_tokens, min_prompt=257,
+                                          min_messages=2, turns_per_trace=1), count))
 
 
 def sync() -> None:
@@ -65,7 +61,6 @@ def main() -> None:
     from lsrt.runtime.llm import LLM
     from lsrt.runtime.runner import RunnerConfig
     from lsrt.runtime.sampling import SamplingParams
-    from lsrt.runtime.spec.drafters import DraftOptions
 
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     llm = LLM.load(args.model, RunnerConfig(device=args.device, dtype=dtype, kv_budget_mb=4096),
@@ -76,8 +71,7 @@ def main() -> None:
     llm.generate(prompts[0][:64], SamplingParams(max_tokens=8))  # warm-up
     rows = {}
     for spec in args.drafts:
-        draft, _, widths = spec.partition("#")
-        opts = DraftOptions(widths=tuple(int(w) for w in widths.split(",")) if widths else ())
+        draft, opts = split_spec(spec)
         tps, acc = [], []
         for ids in prompts:
             llm.generate(ids[:64], SamplingParams(max_tokens=4), draft=draft, draft_options=opts)

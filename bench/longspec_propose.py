@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from draft_specs import split_spec  # noqa: E402
 from gpu_e2e import trace_prompts  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def main() -> None:
 
     from lsrt.runtime.llm import LLM
     from lsrt.runtime.runner import RunnerConfig
-    from lsrt.runtime.spec.drafters import DraftOptions, make_drafter
+    from lsrt.runtime.spec.drafters import make_drafter
     from lsrt.runtime.spec.tree import DraftTree
 
     dtype = "bfloat16" if args.device == "cuda" else "float32"
@@ -65,9 +66,7 @@ def main() -> None:
                 ("target verify (13 nodes)", timed(lambda: llm.runner.verify(seq, tree),
                                                    args.repeats, args.device))]
         for spec in args.drafts:
-            draft, _, widths = spec.partition("#")
-            opts = DraftOptions(widths=tuple(int(w) for w in widths.split(",")) if widths
-                                else ())
+            draft, opts = split_spec(spec)
             drafter = make_drafter(draft, llm, opts)
             drafter.observe(ids)
             drafter.bind(seq)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from draft_specs import split_spec  # noqa: E402
 from traces import TRACES_DIR, ReplayTurn, advance, load_traces, replay_turns  # noqa: E402
 
 HF_KINDS = ("plain", "lookup", "assisted")
@@ -107,17 +108,6 @@ class LsrtRun:
 
     def close(self) -> None:
         self.seq.release()
-
-
-def split_spec(spec: str):
-    """`"longspec:DIR#2,2,2"` -> ("longspec:DIR", DraftOptions(widths=(2, 2, 2)))."""
-    from lsrt.runtime.spec.drafters import DraftOptions
-
-    draft, _, extra = spec.partition("#")
-    merge = extra != "nomerge"
-    widths = extra if merge else ""
-    return draft, DraftOptions(widths=tuple(int(w) for w in widths.split(",")) if widths
-                               else (), merge=merge)
 
 
 class FirstTokenTimer:

@@ -26,15 +26,22 @@ import torch
 
 
 def trace_turn_prompts(tokenizer, path: str | Path, *, holdout: int, max_prompt: int,
-                       max_chars: int = 6000, min_prompt: int = 64) -> Iterator[list[int]]:
-    """Prompt ids for every assistant turn (after the first message) of held-in traces."""
+                       max_chars: int = 6000, min_prompt: int = 64, min_messages: int = 1,
+                       turns_per_trace: int | None = None) -> Iterator[list[int]]:
+    """Prompt ids (the last `max_prompt` tokens) for the assistant turns of held-in traces
+    that follow at least `min_messages` messages and render to at least `min_prompt` tokens;
+    at most `turns_per_trace` of them per trace."""
     lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
     for line in lines[holdout:]:
         history: list[dict[str, Any]] = []
+        taken = 0
         for m in json.loads(line)["messages"]:
-            if m.get("role") == "assistant" and history:
+            if turns_per_trace is not None and taken >= turns_per_trace:
+                break
+            if m.get("role") == "assistant" and len(history) >= max(1, min_messages):
                 ids = tokenizer.apply_chat(history, add_generation_prompt=True)
                 if len(ids) >= min_prompt:
+                    taken += 1
                     yield ids[-max_prompt:]
             role = "user" if m.get("role") == "tool" else m.get("role")
             history.append({"role": role, "content": (m.get("content") or "")[:max_chars]})

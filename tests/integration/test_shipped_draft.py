@@ -13,6 +13,7 @@ from lsrt.runtime.sampling import SamplingParams
 from lsrt.runtime.spec.drafters import make_drafter
 from lsrt.runtime.spec.longspec import LongSpecDrafter, init_from_target
 from lsrt.runtime.spec.longspec_ckpt import BUNDLED_DIR, find_bundled_draft, target_digest
+from lsrt.runtime.training.selfgen import trace_turn_prompts
 
 TRACES = Path("/work/shared/data/agent-traces/swe_agent_demos.jsonl")
 
@@ -20,18 +21,8 @@ TRACES = Path("/work/shared/data/agent-traces/swe_agent_demos.jsonl")
 def held_in_prompt(llm) -> list[int]:
     """The first assistant turn of the first trace `lsrt train-draft` did not hold out."""
     meta = json.loads((BUNDLED_DIR / "smollm2-135m" / "config.json").read_text())
-    held_out = set(meta["data"]["held_out_traces"])
-    for line in TRACES.read_text().splitlines():
-        row = json.loads(line)
-        if row["id"] in held_out:
-            continue
-        history = []
-        for m in row["messages"]:
-            if m["role"] == "assistant" and len(history) > 1:
-                return llm.tokenizer.apply_chat(history, add_generation_prompt=True)[-1500:]
-            history.append({"role": "user" if m["role"] == "tool" else m["role"],
-                            "content": (m.get("content") or "")[:6000]})
-    raise AssertionError("no held-in trace turn")
+    return next(trace_turn_prompts(llm.tokenizer, TRACES, holdout=meta["data"]["holdout"],
+                                   max_prompt=1500, min_prompt=0, min_messages=2))
 
 
 def test_found_by_weights_and_used_by_default(smollm2):
