@@ -62,19 +62,11 @@ def backend_kwargs(args: argparse.Namespace, *, progress: bool = True) -> dict[s
 def embedded_server(args: argparse.Namespace) -> Iterator[str]:
     """Builds the backend and serves it on 127.0.0.1:<free port> in this process; yields the
     address and stops the server (then the store) on exit."""
-    from lsrt.runtime.backend import build_backend
-    from lsrt.runtime.server import start_in_thread
+    from lsrt.runtime.server import serving
 
     print(f"lsrt: loading {args.model} (embedded server) ...", file=sys.stderr, flush=True)
-    manager, closer = build_backend(**backend_kwargs(args))
-    try:
-        handle = start_in_thread(manager, "127.0.0.1:0")
-        try:
-            yield f"127.0.0.1:{handle.port}"
-        finally:
-            handle.stop(grace=1.0)
-    finally:
-        closer()
+    with serving("127.0.0.1:0", **backend_kwargs(args)) as addr:
+        yield addr
 
 
 @contextlib.contextmanager

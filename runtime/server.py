@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -326,3 +326,20 @@ def start_in_thread(
 ) -> ThreadedServer:
     """Starts a server on a background event-loop thread; `.port`, `.stop(grace)`."""
     return ThreadedServer(backend, addr, **kwargs)
+
+
+@contextlib.contextmanager
+def serving(addr: str = "127.0.0.1:0", **backend_kwargs: Any) -> Iterator[str]:
+    """Builds a backend (`build_backend(**backend_kwargs)`), serves it on a background thread
+    and yields `host:port`; on exit stops the server, then closes the backend and its store."""
+    from lsrt.runtime.backend import build_backend
+
+    manager, closer = build_backend(**backend_kwargs)
+    try:
+        handle = start_in_thread(manager, addr)
+        try:
+            yield f"{addr.rsplit(':', 1)[0]}:{handle.port}"
+        finally:
+            handle.stop(grace=1.0)
+    finally:
+        closer()

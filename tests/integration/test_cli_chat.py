@@ -57,18 +57,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def addr(redis_url: str) -> Iterator[str]:
-    from lsrt.runtime.backend import build_backend
-    from lsrt.runtime.server import start_in_thread
+    from lsrt.runtime.server import serving
 
-    manager, closer = build_backend(model="smollm2-135m", redis_url=redis_url, progress=False)
-    try:
-        handle = start_in_thread(manager, "127.0.0.1:0")
-        try:
-            yield f"127.0.0.1:{handle.port}"
-        finally:
-            handle.stop(grace=1.0)
-    finally:
-        closer()
+    with serving(model="smollm2-135m", redis_url=redis_url, progress=False) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
