@@ -54,3 +54,14 @@ def make_tiny_model(family: str, out_dir: Path, seed: int = 0, max_position: int
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     return model
+
+
+def repetitive_prompt(vocab: int, n: int, seed: int) -> list[int]:
+    """Random 37-token blocks that keep recurring between random 11-token stretches, so
+    history-based drafts sometimes hit."""
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randint(1, vocab - 2, (37,), generator=g).tolist()
+    out: list[int] = []
+    while len(out) < n:
+        out += block if len(out) % 3 else torch.randint(1, vocab - 2, (11,), generator=g).tolist()
+    return out[:n]

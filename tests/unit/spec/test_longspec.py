@@ -16,17 +16,7 @@ from lsrt.runtime.spec.longspec import (LongSpecConfig, LongSpecDrafter, init_fr
 from lsrt.runtime.spec.longspec_ckpt import load_longspec_checkpoint
 from lsrt.sessions.blob import decode_draft_blob, encode_draft_blob
 
-from tiny_models import copy_tokenizer, make_tiny_model
-
-
-def repetitive_prompt(vocab: int, n: int, seed: int) -> list[int]:
-    """Random blocks that repeat (as in test_spec_lossless), so drafts sometimes hit."""
-    g = torch.Generator().manual_seed(seed)
-    block = torch.randint(1, vocab - 2, (37,), generator=g).tolist()
-    out: list[int] = []
-    while len(out) < n:
-        out += block if len(out) % 3 else torch.randint(1, vocab - 2, (11,), generator=g).tolist()
-    return out[:n]
+from tiny_models import copy_tokenizer, make_tiny_model, repetitive_prompt
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])

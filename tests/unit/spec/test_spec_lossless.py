@@ -18,7 +18,7 @@ from lsrt.runtime.sampling import SamplingParams
 from lsrt.runtime.spec.drafters import DraftOptions, make_drafter
 from lsrt.runtime.spec.self_draft import SelfDrafter
 
-from tiny_models import copy_tokenizer, make_tiny_model
+from tiny_models import copy_tokenizer, make_tiny_model, repetitive_prompt
 
 TRACES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "agent-traces"
 DRAFTS = ["suffix", "self", "auto", "model:self-test"]
@@ -44,15 +44,6 @@ def _drafter(llm, draft, opts):
         return ModelDrafter(llm.runner.model, name="self-test", sink=4,
                             window=(opts or DraftOptions()).window)
     return make_drafter(draft, llm, opts)
-
-
-def repetitive_prompt(vocab: int, n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    block = torch.randint(1, vocab - 2, (37,), generator=g).tolist()
-    out: list[int] = []
-    while len(out) < n:
-        out += block if len(out) % 3 else torch.randint(1, vocab - 2, (11,), generator=g).tolist()
-    return out[:n]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
