@@ -27,12 +27,17 @@ import torch
 
 def trace_turn_prompts(tokenizer, path: str | Path, *, holdout: int, max_prompt: int,
                        max_chars: int = 6000, min_prompt: int = 64, min_messages: int = 1,
-                       turns_per_trace: int | None = None) -> Iterator[list[int]]:
+                       turns_per_trace: int | None = None,
+                       exclude: range = range(0)) -> Iterator[list[int]]:
     """Prompt ids (the last `max_prompt` tokens) for the assistant turns of held-in traces
     that follow at least `min_messages` messages and render to at least `min_prompt` tokens;
-    at most `turns_per_trace` of them per trace."""
+    at most `turns_per_trace` of them per trace. Traces whose index is in `exclude` are
+    skipped too (a held-in evaluation block: its text is trained on, the target's
+    continuations of its turns are not)."""
     lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
-    for line in lines[holdout:]:
+    for i, line in enumerate(lines):
+        if i < holdout or i in exclude:
+            continue
         history: list[dict[str, Any]] = []
         taken = 0
         for m in json.loads(line)["messages"]:
@@ -50,6 +55,7 @@ def trace_turn_prompts(tokenizer, path: str | Path, *, holdout: int, max_prompt:
 def generate_corpus(llm, traces: list[str | Path], *, holdout: int = 3, max_new: int = 256,
                     max_prompt: int = 4096, keep_context: int = 1024, draft: str = "suffix",
                     max_seconds: float | None = None, max_docs: int | None = None,
+                    turns_per_trace: int | None = None, exclude: range = range(0),
                     progress: bool = True) -> tuple[torch.Tensor, dict]:
     """(tokens `[T]`, summary). Round-robin over the trace files, so a time limit still covers
     every file."""
@@ -60,7 +66,8 @@ def generate_corpus(llm, traces: list[str | Path], *, holdout: int = 3, max_new:
     params = SamplingParams(max_tokens=max_new)
     saved_eos = llm.engine.eos_ids
     llm.engine.eos_ids = ()  # as the benchmarks: exactly max_new tokens
-    iters = [trace_turn_prompts(llm.tokenizer, p, holdout=holdout,
+    iters = [trace_turn_prompts(llm.tokenizer, p, holdout=holdout, exclude=exclude,
+                                turns_per_trace=turns_per_trace,
                                 max_prompt=min(max_prompt, llm.context_limit - max_new - 1))
              for p in traces]
     out: list[int] = []
@@ -89,7 +96,9 @@ def generate_corpus(llm, traces: list[str | Path], *, holdout: int = 3, max_new:
     finally:
         llm.engine.eos_ids = saved_eos
     summary = {"documents": docs, "generated_tokens": generated, "tokens": len(out),
-               "traces": [str(p) for p in traces], "holdout": holdout, "max_new": max_new,
+               "traces": [str(p) for p in traces], "holdout": holdout,
+               "excluded_traces": [exclude.start, exclude.stop] if exclude else None,
+               "turns_per_trace": turns_per_trace, "max_new": max_new,
                "keep_context": keep_context, "draft": draft,
                "seconds": round(time.perf_counter() - t0, 1)}
     return torch.tensor(out, dtype=torch.long), summary
@@ -102,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traces", nargs="+", required=True, help="agent-trace .jsonl files")
     p.add_argument("--out", required=True, help="output .pt file (a 1-D token tensor)")
     p.add_argument("--holdout", type=int, default=3, help="skip the first N traces per file")
+    p.add_argument("--exclude-traces", default=None, metavar="A:B",
+                   help="also skip traces A..B-1 of each file (a held-in evaluation block)")
+    p.add_argument("--turns-per-trace", type=int, default=None,
+                   help="at most N turns per trace (spreads a time-limited run over more traces)")
     p.add_argument("--max-new", type=int, default=256)
     p.add_argument("--max-prompt", type=int, default=4096)
     p.add_argument("--keep-context", type=int, default=1024)
@@ -124,13 +137,21 @@ def main(argv: list[str] | None = None) -> int:
     for t in a.traces:
         if not Path(t).is_file():
             raise SystemExit(f"lsrt gen-data: no such trace file: {t}")
+    exclude = range(0)
+    if a.exclude_traces:
+        try:
+            lo, hi = (int(x) for x in a.exclude_traces.split(":"))
+        except ValueError:
+            raise SystemExit("lsrt gen-data: --exclude-traces takes A:B, e.g. 13:16") from None
+        exclude = range(lo, hi)
     dtype = a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32")
     llm = LLM.load(a.target, RunnerConfig(device=a.device, dtype=dtype),
                    progress=not a.no_progress)
     tokens, summary = generate_corpus(
         llm, a.traces, holdout=a.holdout, max_new=a.max_new, max_prompt=a.max_prompt,
         keep_context=a.keep_context, draft=a.draft, progress=not a.no_progress,
-        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes, max_docs=a.max_docs)
+        max_seconds=None if a.max_minutes is None else 60 * a.max_minutes, max_docs=a.max_docs,
+        turns_per_trace=a.turns_per_trace, exclude=exclude)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(tokens, a.out)
     Path(a.out).with_suffix(".json").write_text(json.dumps(summary, indent=1))

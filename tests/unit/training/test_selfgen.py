@@ -53,6 +53,27 @@ def test_prompts_skip_held_out_traces_and_cover_each_turn(target_dir, traces):
     assert [p for p in short] == [p[-8:] for p in prompts]
 
 
+def test_excluded_traces_and_turn_cap(target_dir, tmp_path):
+    """An evaluation block of held-in traces is skipped; a turn cap spreads over traces."""
+    from lsrt.runtime.tokenizer import Tokenizer
+
+    rows = [{"id": f"t{i}", "messages": [m for k in range(3) for m in (
+        {"role": "user", "content": f"trace {i} step {k} " * 8},
+        {"role": "assistant", "content": "ok"})]} for i in range(5)]
+    path = tmp_path / "five.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tok = Tokenizer(target_dir)
+
+    def traces_of(**kw) -> list[int]:
+        got = [tok.decode(p) for p in trace_turn_prompts(tok, path, holdout=1, max_prompt=4096,
+                                                          min_prompt=1, **kw)]
+        return [next(i for i in range(5) if f"trace {i} " in t) for t in got]
+
+    assert traces_of() == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
+    assert traces_of(exclude=range(2, 4)) == [1, 1, 1, 4, 4, 4]
+    assert traces_of(exclude=range(2, 4), turns_per_trace=1) == [1, 4]
+
+
 def test_generated_tokens_are_the_targets_greedy_output(target_dir, traces, tmp_path):
     llm = LLM(target_dir, RunnerConfig(kv_budget_mb=16))
     eos_ids = llm.engine.eos_ids
@@ -75,10 +96,11 @@ def test_cli_writes_a_token_file_train_draft_reads(target_dir, traces, tmp_path)
     out = tmp_path / "gen.pt"
     assert cli_main(["gen-data", "--target", str(target_dir), "--traces", str(traces),
                      "--out", str(out), "--holdout", "1", "--max-new", "4", "--max-docs", "3",
-                     "--no-progress"]) == 0
+                     "--exclude-traces", "0:1", "--turns-per-trace", "2", "--no-progress"]) == 0
     tokens = torch.load(out, weights_only=True)
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["documents"] == 3 and tokens.dim() == 1 and len(tokens) == meta["tokens"]
+    assert meta["excluded_traces"] == [0, 1] and meta["turns_per_trace"] == 2
     run = tmp_path / "run"
     assert cli_main(["train-draft", "--target", str(target_dir), "--data", f"{out}@2",
                      "--out", str(run), "--steps", "1", "--seq-len", "16", "--window", "8",
