@@ -27,11 +27,12 @@ import torch
 
 def trace_turn_prompts(tokenizer, path: str | Path, *, holdout: int, max_prompt: int,
                        max_chars: int = 6000, min_prompt: int = 64, min_messages: int = 1,
-                       turns_per_trace: int | None = None,
+                       turns_per_trace: int | None = None, skip_turns: int = 0,
                        exclude: range = range(0)) -> Iterator[list[int]]:
     """Prompt ids (the last `max_prompt` tokens) for the assistant turns of held-in traces
     that follow at least `min_messages` messages and render to at least `min_prompt` tokens;
-    at most `turns_per_trace` of them per trace. Traces whose index is in `exclude` are
+    at most `turns_per_trace` of them per trace, after its first `skip_turns` (so a second
+    time-limited run can cover turns the first did not). Traces whose index is in `exclude` are
     skipped too (a held-in evaluation block: its text is trained on, the target's
     continuations of its turns are not)."""
     lines = [ln for ln in Path(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -39,15 +40,17 @@ def trace_turn_prompts(tokenizer, path: str | Path, *, holdout: int, max_prompt:
         if i < holdout or i in exclude:
             continue
         history: list[dict[str, Any]] = []
-        taken = 0
+        taken = seen = 0
         for m in json.loads(line)["messages"]:
             if turns_per_trace is not None and taken >= turns_per_trace:
                 break
             if m.get("role") == "assistant" and len(history) >= max(1, min_messages):
                 ids = tokenizer.apply_chat(history, add_generation_prompt=True)
                 if len(ids) >= min_prompt:
-                    taken += 1
-                    yield ids[-max_prompt:]
+                    seen += 1
+                    if seen > skip_turns:
+                        taken += 1
+                        yield ids[-max_prompt:]
             role = "user" if m.get("role") == "tool" else m.get("role")
             history.append({"role": role, "content": (m.get("content") or "")[:max_chars]})
 
@@ -55,8 +58,8 @@ def trace_turn_prompts(tokenizer, path: str | Path, *, holdout: int, max_prompt:
 def generate_corpus(llm, traces: list[str | Path], *, holdout: int = 3, max_new: int = 256,
                     max_prompt: int = 4096, keep_context: int = 1024, draft: str = "suffix",
                     max_seconds: float | None = None, max_docs: int | None = None,
-                    turns_per_trace: int | None = None, exclude: range = range(0),
-                    progress: bool = True) -> tuple[torch.Tensor, dict]:
+                    turns_per_trace: int | None = None, skip_turns: int = 0,
+                    exclude: range = range(0), progress: bool = True) -> tuple[torch.Tensor, dict]:
     """(tokens `[T]`, summary). Round-robin over the trace files, so a time limit still covers
     every file."""
     from lsrt.runtime.sampling import SamplingParams
@@ -67,7 +70,7 @@ def generate_corpus(llm, traces: list[str | Path], *, holdout: int = 3, max_new:
     saved_eos = llm.engine.eos_ids
     llm.engine.eos_ids = ()  # as the benchmarks: exactly max_new tokens
     iters = [trace_turn_prompts(llm.tokenizer, p, holdout=holdout, exclude=exclude,
-                                turns_per_trace=turns_per_trace,
+                                turns_per_trace=turns_per_trace, skip_turns=skip_turns,
                                 max_prompt=min(max_prompt, llm.context_limit - max_new - 1))
              for p in traces]
     out: list[int] = []
@@ -98,7 +101,7 @@ def generate_corpus(llm, traces: list[str | Path], *, holdout: int = 3, max_new:
     summary = {"documents": docs, "generated_tokens": generated, "tokens": len(out),
                "traces": [str(p) for p in traces], "holdout": holdout,
                "excluded_traces": [exclude.start, exclude.stop] if exclude else None,
-               "turns_per_trace": turns_per_trace, "max_new": max_new,
+               "turns_per_trace": turns_per_trace, "skip_turns": skip_turns, "max_new": max_new,
                "keep_context": keep_context, "draft": draft,
                "seconds": round(time.perf_counter() - t0, 1)}
     return torch.tensor(out, dtype=torch.long), summary
@@ -115,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also skip traces A..B-1 of each file (a held-in evaluation block)")
     p.add_argument("--turns-per-trace", type=int, default=None,
                    help="at most N turns per trace (spreads a time-limited run over more traces)")
+    p.add_argument("--skip-turns", type=int, default=0,
+                   help="skip each trace's first N turns (covered by an earlier run)")
     p.add_argument("--max-new", type=int, default=256)
     p.add_argument("--max-prompt", type=int, default=4096)
     p.add_argument("--keep-context", type=int, default=1024)
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         llm, a.traces, holdout=a.holdout, max_new=a.max_new, max_prompt=a.max_prompt,
         keep_context=a.keep_context, draft=a.draft, progress=not a.no_progress,
         max_seconds=None if a.max_minutes is None else 60 * a.max_minutes, max_docs=a.max_docs,
-        turns_per_trace=a.turns_per_trace, exclude=exclude)
+        turns_per_trace=a.turns_per_trace, skip_turns=a.skip_turns, exclude=exclude)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(tokens, a.out)
     Path(a.out).with_suffix(".json").write_text(json.dumps(summary, indent=1))

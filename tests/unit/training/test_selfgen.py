@@ -72,6 +72,9 @@ def test_excluded_traces_and_turn_cap(target_dir, tmp_path):
     assert traces_of() == [1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4]
     assert traces_of(exclude=range(2, 4)) == [1, 1, 1, 4, 4, 4]
     assert traces_of(exclude=range(2, 4), turns_per_trace=1) == [1, 4]
+    later = [tok.decode(p) for p in trace_turn_prompts(tok, path, holdout=4, max_prompt=4096,
+                                                        min_prompt=1, skip_turns=1)]
+    assert len(later) == 2 and "step 1 " in later[0] and "step 2 " not in later[0]
 
 
 def test_generated_tokens_are_the_targets_greedy_output(target_dir, traces, tmp_path):
