@@ -1,6 +1,6 @@
-"""AutoDrafter's arm choice by measured throughput: suffix vs merged (suffix + model) when the
-suffix index matches, model vs none when it does not, with exploration that backs off when the
-loser keeps losing; and the merged tree itself."""
+"""AutoDrafter's arm choice by measured throughput: suffix vs merged (suffix + model) after a
+short suffix match, suffix alone after a long one, model vs none when nothing matches, with
+exploration that backs off when the loser keeps losing; and the merged tree itself."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ class Fixed:
 
     def propose(self, history, max_nodes):
         self.calls += 1
-        return self.tree
+        self.max_nodes = max_nodes
+        return self.tree(self.calls) if callable(self.tree) else self.tree
 
     def export_state(self):
         return None
@@ -79,6 +80,28 @@ def test_match_picks_suffix_or_merged_on_paired_steps(merged_emits, merged_cost,
     assert modes[100:].count(winner) > 0.85 * len(modes[100:]), auto.rate
 
 
+def test_long_matches_keep_the_suffix_tree_whole():
+    """Merging wins after short matches here, but a long match (a deep suffix tree) is never
+    merged: the model's half of the budget would cut the deep path."""
+    clock = Clock()
+    short, long = DraftTree.chain(3, [4, 5]), DraftTree.chain(3, [4, 5, 6, 7, 8, 9, 10])
+    suffix = Fixed("suffix", lambda call: long if call % 3 == 0 else short)
+    model = Fixed("m", DraftTree.chain(3, [9, 9, 9]))
+    auto = AutoDrafter(suffix, model, explore_every=4, clock=clock)
+    seen: list[tuple[bool, str]] = []
+
+    def cost(mode):
+        seen.append((suffix.calls % 3 == 0, mode))
+        return 1.1 if mode == "merged" else 1.0
+
+    drive(auto, clock, 300, cost, lambda m: [9, 9, 9, 7] if m == "merged" else [4, 5, 6])
+    assert {m for is_long, m in seen if is_long} == {"suffix"}
+    late_short = [m for is_long, m in seen[100:] if not is_long]
+    assert late_short.count("merged") > 0.85 * len(late_short), auto.rate
+    assert model.max_nodes == 8  # the model drafts with half the budget
+    assert set(auto.rate) == {"short/suffix", "short/merged"}
+
+
 def test_slow_model_drafter_is_turned_off_and_explored_ever_less():
     clock = Clock()
     model = Fixed("m", DraftTree.chain(3, [4]))
@@ -99,6 +122,7 @@ def test_fast_model_drafter_is_kept():
     modes = drive(auto, clock, 200, {"model": 1.2, "none": 1.0, "suffix": 1.0},
                   {"model": 3, "none": 1, "suffix": 1})
     assert modes[50:].count("model") > 0.85 * len(modes[50:])
+    assert auto.model.max_nodes == 8  # half of the step's budget of 16
 
 
 def test_merged_tree_proposal_shares_prefixes_within_budget():
