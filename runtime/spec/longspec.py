@@ -38,6 +38,9 @@ POSITIONS = "post-rope-absolute"
 # On CUDA a proposal shape is captured in a graph on its 3rd use: a drafter that lives for a
 # few steps only (a short stateless request) does not pay the capture.
 EAGER_BEFORE_CAPTURE = 2
+# The cross buffer (the target's last-layer K/V) starts this large, capped at the context limit:
+# every growth re-captures the drafter's graphs, and SmolLM2's whole 8K context is 6 MB.
+CROSS_START_BYTES = 64 << 20
 DEFAULT_WIDTHS = (2, 2, 2, 2, 2, 2)  # nodes added per depth: 13 nodes, depth 6 (fits the
 # engine's 16-node budget; on an H100 with SmolLM2 it accepted 3.20 tokens/step against 2.74
 # for a depth-6 chain and 2.46 for LongSpec's wide (4, 16, 16, ...) tree cut to the budget)
@@ -216,8 +219,8 @@ class LongSpecDrafter:
     name = "longspec"
 
     def __init__(self, runner: ModelRunner, draft: LongSpecDraft, *,
-                 widths: tuple[int, ...] = DEFAULT_WIDTHS, use_graphs: bool | None = None
-                 ) -> None:
+                 widths: tuple[int, ...] = DEFAULT_WIDTHS, use_graphs: bool | None = None,
+                 cross_start: int | None = None) -> None:
         if not widths or any(w < 1 for w in widths):
             raise ValueError(f"longspec widths must be positive, got {widths}")
         if draft.cfg.hidden_size != runner.cfg.hidden_size or \
@@ -247,6 +250,8 @@ class LongSpecDrafter:
                                    device=dev)
         # The target's last-layer K/V of committed positions, copied as they commit into a
         # buffer of fixed capacity (doubling when outgrown): fixed shapes again.
+        per_position = 2 * cfg.num_kv_heads * cfg.head_dim * self.k.element_size()
+        self.cross_start = cross_start or max(1024, CROSS_START_BYTES // per_position)
         self.xk: torch.Tensor | None = None
         self.xv: torch.Tensor | None = None
         self.x_len = 0  # positions [0, x_len) of xk/xv are current
@@ -318,7 +323,8 @@ class LongSpecDrafter:
         """Bring xk/xv up to the target's committed positions [0, n) (only new ones copy)."""
         seq, pool = self.seq, self.runner.pool
         if self.xk is None or self.xk.shape[1] < n:
-            cap = max(1024, 1 << (n - 1).bit_length())
+            want = max(n, self.cross_start if self.xk is None else 2 * self.xk.shape[1])
+            cap = max(n, min(self.runner.cfg.context_limit, 1 << (want - 1).bit_length()))
             xk = torch.zeros((pool.k.shape[1], cap, pool.k.shape[3]), dtype=pool.k.dtype,
                              device=pool.k.device)
             xv = torch.zeros_like(xk)
@@ -326,7 +332,11 @@ class LongSpecDrafter:
                 xk[:, :self.x_len] = self.xk[:, :self.x_len]
                 xv[:, :self.x_len] = self.xv[:, :self.x_len]
             self.xk, self.xv = xk, xv
-            self._graphs.clear()  # captured against the old buffers
+            # Graphs captured against the old buffers go, and so does their memory pool: a
+            # pool all of whose graphs were released must not be captured into again (the
+            # CUDA caching allocator asserts `use_count > 0` when it is re-opened).
+            self._graphs.clear()
+            self._mempool = None
         self.x_len = min(self.x_len, n)
         if self.x_len < n:
             slots = seq.slots(self.x_len, n)

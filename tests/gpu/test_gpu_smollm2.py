@@ -59,30 +59,39 @@ def test_teacher_forced_greedy(gpu_llm, draft):
 
 def test_graphed_longspec_proposals_equal_eager(gpu_llm):
     """The shipped draft's proposal replayed from a CUDA graph equals the same computation run
-    eagerly, at several context lengths (the cross buffer grows past 1024 on the way)."""
+    eagerly, at several context lengths. The graphed drafter's cross buffer starts at 1024 and
+    grows twice on the way: each growth drops its graphs and their memory pool, and the next
+    capture goes into a fresh pool (re-opening the released one tripped the CUDA caching
+    allocator's `use_count > 0` assert in a long benchmark run)."""
     from lsrt.runtime.spec.longspec import LongSpecDrafter, make_longspec_drafter
 
     text = open(__file__).read() * 6
     ids = gpu_llm.tokenizer.encode(text)[:2600]
-    graphed = make_longspec_drafter(gpu_llm.runner)
-    assert graphed.use_graphs and graphed.head_ids is not None  # the shipped draft, graphed
-    eager = LongSpecDrafter(gpu_llm.runner, graphed.draft, widths=graphed.widths,
+    shipped = make_longspec_drafter(gpu_llm.runner)
+    assert shipped.use_graphs and shipped.head_ids is not None  # the shipped draft, graphed
+    assert shipped.cross_start >= gpu_llm.runner.cfg.context_limit  # never grows for SmolLM2
+    graphed = LongSpecDrafter(gpu_llm.runner, shipped.draft, widths=shipped.widths,
+                              cross_start=1024)
+    eager = LongSpecDrafter(gpu_llm.runner, shipped.draft, widths=shipped.widths,
                             use_graphs=False)
     seq = gpu_llm.runner.new_sequence()
+    pools = []
     try:
         done = 0
         for n in (700, 701, 1500, 2600):
             gpu_llm.runner.prefill(seq, ids[done:n - 1])
             done = n - 1
             trees = []
-            for d in (graphed, eager):
+            for d in (graphed, eager, shipped):
                 d.bind(seq)
                 d.observe(ids[len(d.history):n])
                 for _ in range(4):  # the 3rd use of a shape captures it, the 4th replays
                     t = d.propose(ids[:n], 16)
                     trees.append((d.name, tuple(t.tokens), tuple(t.parents)))
             assert len({tree[1:] for tree in trees}) == 1, n
-        assert graphed._graphs  # it did replay a graph
+            pools.append(graphed._mempool)
+        assert graphed._graphs and graphed.xk.shape[1] == 4096  # grew 1024 -> 2048 -> 4096
+        assert pools[0] == pools[1] != pools[2] != pools[3]  # a fresh pool after each growth
     finally:
         seq.release()
 

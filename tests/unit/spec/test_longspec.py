@@ -27,14 +27,15 @@ def tiny(request, tmp_path_factory, smollm2_dir):
     return LLM(path, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8))
 
 
-def drafter_for(llm: LLM, widths, *, sink=4, window=16, seed=None) -> LongSpecDrafter:
+def drafter_for(llm: LLM, widths, *, sink=4, window=16, seed=None,
+                cross_start=None) -> LongSpecDrafter:
     draft = init_from_target(llm.runner.model, LongSpecConfig(sink=sink, window=window))
     if seed is not None:  # perturb: a draft that is not a copy of the last layer
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for p in draft.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
-    return LongSpecDrafter(llm.runner, draft, widths=widths)
+    return LongSpecDrafter(llm.runner, draft, widths=widths, cross_start=cross_start)
 
 
 def run(llm: LLM, ids: list[int], drafter, params: SamplingParams):
@@ -270,7 +271,8 @@ def test_cross_buffer_grows_and_follows_rollback(smollm2_dir, tmp_path):
     seq = llm.runner.new_sequence()
     try:
         llm.runner.prefill(seq, ids[:1000])
-        live = drafter_for(llm, (2, 2, 2), seed=2)
+        assert drafter_for(llm, (2,)).cross_start >= 4096  # by default: the whole context here
+        live = drafter_for(llm, (2, 2, 2), seed=2, cross_start=1024)
         live.bind(seq)
         live.observe(ids[:1001])
         live.propose(ids[:1001], 16)
@@ -296,5 +298,6 @@ def test_cross_buffer_grows_and_follows_rollback(smollm2_dir, tmp_path):
     finally:
         seq.release()
     params = SamplingParams(max_tokens=16)
-    assert run(llm, ids[:1030], drafter_for(llm, (2, 2, 2), seed=2), params).token_ids == \
+    assert run(llm, ids[:1030], drafter_for(llm, (2, 2, 2), seed=2, cross_start=1024),
+               params).token_ids == \
         run(llm, ids[:1030], None, params).token_ids
