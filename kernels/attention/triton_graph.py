@@ -9,8 +9,8 @@ the host, so partitions and results match the eager kernel), and programs whose 
 or past `prefix_len` run no iterations and write an empty partial (lse = -inf), which the reduce
 ignores. `max_prefix` only sets the parallelism: any prefix the block table holds is correct.
 
-Same math and layout as `triton_tree` (whose online-softmax helpers and reduce kernel are reused):
-all n queries x `group` query heads of a KV head share each K/V tile load.
+Same math and layout as `triton_tree`, whose prologue, prefix and tree loops, epilogue and reduce
+kernel are reused: all n queries x `group` query heads of a KV head share each K/V tile load.
 This module imports Triton: import it only where `lsrt.kernels.triton_available()` is true.
 """
 
@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from lsrt.kernels.attention.triton_tree import (
-    _LOG2E, _num_sms, _online_update, _qk, _tree_reduce_kernel)
+    _LOG2E, _attend_new, _attend_prefix, _load_rows, _num_sms, _store_partial,
+    _tree_reduce_kernel)
 from lsrt.runtime.errors import InvalidRequest
 
 
@@ -60,15 +61,8 @@ def _graph_partial_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
 ):
-    kvh = tl.program_id(0)
     split = tl.program_id(1)
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qi = rows // GROUP
-    head = kvh * GROUP + rows % GROUP
-    row_ok = qi < n_q
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + qi[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    rows, qi, row_ok, q = _load_rows(q_ptr, n_q, stride_qn, stride_qh, GROUP, HEAD_DIM, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -78,39 +72,15 @@ def _graph_partial_kernel(
         split_len = tl.maximum(per_split, MIN_SPLIT)
         start = split * split_len
         end = tl.minimum(start + split_len, prefix_len)  # <= start: an empty partial
-        kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
-        vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            ok = pos < end
-            blk = tl.load(bt_ptr + pos // PAGE, mask=ok, other=0).to(tl.int64)
-            slot = blk * PAGE + pos % PAGE
-            k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :], mask=ok[:, None],
-                        other=0.0)
-            v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :], mask=ok[:, None],
-                        other=0.0)
-            s = _qk(q, k, IS_FP32) * qk_scale
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
-    else:
-        for n0 in range(0, n_q, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            ok = cols < n_q
-            k = tl.load(kn_ptr + cols[:, None] * stride_knn + kvh * stride_knh + d[None, :],
-                        mask=ok[:, None], other=0.0)
-            v = tl.load(vn_ptr + cols[:, None] * stride_vnn + kvh * stride_vnh + d[None, :],
-                        mask=ok[:, None], other=0.0)
-            s = _qk(q, k, IS_FP32) * qk_scale
-            allowed = tl.load(mask_ptr + qi[:, None] * stride_mask + cols[None, :],
-                              mask=row_ok[:, None] & ok[None, :], other=0) != 0
-            s = tl.where(allowed & ok[None, :], s, float("-inf"))
-            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
-    po = po_ptr + split * stride_po_s + kvh * stride_po_h
-    tl.store(po + rows[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None],
-             mask=row_ok[:, None])
-    tl.store(pl_ptr + split * stride_pl_s + kvh * stride_pl_h + rows, lse2, mask=row_ok)
+        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_ptr, start, end,
+                                       qk_scale, stride_kch, stride_kcs, stride_vch, stride_vcs,
+                                       HEAD_DIM, BLOCK_N, PAGE, IS_FP32)
+    else:  # the tree: n_q new keys under the mask
+        m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
+                                    n_q, n_q, 0, qk_scale, stride_knn, stride_knh, stride_vnn,
+                                    stride_vnh, stride_mask, HEAD_DIM, BLOCK_N, False, IS_FP32)
+    _store_partial(po_ptr, pl_ptr, rows, row_ok, m_i, l_i, acc, stride_po_s, stride_po_h,
+                   stride_pl_s, stride_pl_h, HEAD_DIM)
 
 
 def plan(cfg: GraphAttentionConfig, n_q: int, group: int, hkv: int, max_prefix: int,

@@ -73,6 +73,89 @@ def _qk(q, k, IS_FP32: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(q_ptr, n_q, stride_qn, stride_qh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr):
+    """This program's query rows (query x head of its KV head): (rows, query index, row valid,
+    queries [BLOCK_M, HEAD_DIM])."""
+    kvh = tl.program_id(0)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    qi = rows // GROUP
+    head = kvh * GROUP + rows % GROUP
+    row_ok = qi < n_q
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + qi[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None], other=0.0)
+    return rows, qi, row_ok, q
+
+
+@triton.jit
+def _attend_prefix(q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_ptr, start, end, qk_scale,
+                   stride_kch, stride_kcs, stride_vch, stride_vcs, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr):
+    """Online softmax over prefix positions [start, end) of this KV head, read through the
+    block table (every query sees the whole prefix)."""
+    kvh = tl.program_id(0)
+    d = tl.arange(0, HEAD_DIM)
+    kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
+    vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + tl.arange(0, BLOCK_N)
+        ok = pos < end
+        blk = tl.load(bt_ptr + pos // PAGE, mask=ok, other=0).to(tl.int64)
+        slot = blk * PAGE + pos % PAGE
+        k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :], mask=ok[:, None],
+                    other=0.0)
+        v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :], mask=ok[:, None],
+                    other=0.0)
+        s = _qk(q, k, IS_FP32) * qk_scale
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _attend_new(q, m_i, l_i, acc, qi, row_ok, kn_ptr, vn_ptr, mask_ptr, n_new, hi, q_offset,
+                qk_scale, stride_knn, stride_knh, stride_vnn, stride_vnh, stride_mask,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                IS_FP32: tl.constexpr):
+    """Online softmax over the first `hi` of the n_new new keys: causal (query i sees keys up
+    to q_offset + i) or under the [n_q, n_new] mask."""
+    kvh = tl.program_id(0)
+    d = tl.arange(0, HEAD_DIM)
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        ok = cols < n_new
+        k = tl.load(kn_ptr + cols[:, None] * stride_knn + kvh * stride_knh + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        v = tl.load(vn_ptr + cols[:, None] * stride_vnn + kvh * stride_vnh + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        s = _qk(q, k, IS_FP32) * qk_scale
+        if CAUSAL:
+            allowed = cols[None, :] <= (qi + q_offset)[:, None]
+        else:
+            allowed = tl.load(mask_ptr + qi[:, None] * stride_mask + cols[None, :],
+                              mask=row_ok[:, None] & ok[None, :], other=0) != 0
+        s = tl.where(allowed & ok[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _store_partial(po_ptr, pl_ptr, rows, row_ok, m_i, l_i, acc, stride_po_s, stride_po_h,
+                   stride_pl_s, stride_pl_h, HEAD_DIM: tl.constexpr):
+    """This split's normalised partial output and its log2-sum-exp (-inf where it saw no key)."""
+    kvh = tl.program_id(0)
+    split = tl.program_id(1)
+    d = tl.arange(0, HEAD_DIM)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
+    po = po_ptr + split * stride_po_s + kvh * stride_po_h
+    tl.store(po + rows[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None],
+             mask=row_ok[:, None])
+    tl.store(pl_ptr + split * stride_pl_s + kvh * stride_pl_h + rows, lse2, mask=row_ok)
+
+
+@triton.jit
 def _tree_partial_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, kn_ptr, vn_ptr, mask_ptr, po_ptr, pl_ptr,
     prefix_len, n_q, n_new, q_offset, split_len, num_prefix_splits, qk_scale,
@@ -82,61 +165,28 @@ def _tree_partial_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, CAUSAL: tl.constexpr, IS_FP32: tl.constexpr,
 ):
-    kvh = tl.program_id(0)
     split = tl.program_id(1)
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
-    qi = rows // GROUP
-    head = kvh * GROUP + rows % GROUP
-    row_ok = qi < n_q
-    d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + qi[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None], other=0.0)
+    rows, qi, row_ok, q = _load_rows(q_ptr, n_q, stride_qn, stride_qh, GROUP, HEAD_DIM, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if split < num_prefix_splits:
         start = split * split_len
         end = tl.minimum(start + split_len, prefix_len)
-        kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
-        vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
-        for n0 in range(start, end, BLOCK_N):
-            pos = n0 + tl.arange(0, BLOCK_N)
-            ok = pos < end
-            blk = tl.load(bt_ptr + pos // PAGE, mask=ok, other=0).to(tl.int64)
-            slot = blk * PAGE + pos % PAGE
-            k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :], mask=ok[:, None],
-                        other=0.0)
-            v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :], mask=ok[:, None],
-                        other=0.0)
-            s = _qk(q, k, IS_FP32) * qk_scale
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
+        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_ptr, start, end,
+                                       qk_scale, stride_kch, stride_kcs, stride_vch, stride_vcs,
+                                       HEAD_DIM, BLOCK_N, PAGE, IS_FP32)
     else:
         hi = n_new
         if CAUSAL:
             last_q = (tl.program_id(2) * BLOCK_M + BLOCK_M - 1) // GROUP
             hi = tl.minimum(n_new, q_offset + last_q + 1)
-        for n0 in range(0, hi, BLOCK_N):
-            cols = n0 + tl.arange(0, BLOCK_N)
-            ok = cols < n_new
-            k = tl.load(kn_ptr + cols[:, None] * stride_knn + kvh * stride_knh + d[None, :],
-                        mask=ok[:, None], other=0.0)
-            v = tl.load(vn_ptr + cols[:, None] * stride_vnn + kvh * stride_vnh + d[None, :],
-                        mask=ok[:, None], other=0.0)
-            s = _qk(q, k, IS_FP32) * qk_scale
-            if CAUSAL:
-                allowed = cols[None, :] <= (qi + q_offset)[:, None]
-            else:
-                allowed = tl.load(mask_ptr + qi[:, None] * stride_mask + cols[None, :],
-                                  mask=row_ok[:, None] & ok[None, :], other=0) != 0
-            s = tl.where(allowed & ok[None, :], s, float("-inf"))
-            m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
-    po = po_ptr + split * stride_po_s + kvh * stride_po_h
-    tl.store(po + rows[:, None] * HEAD_DIM + d[None, :], acc / l_safe[:, None],
-             mask=row_ok[:, None])
-    tl.store(pl_ptr + split * stride_pl_s + kvh * stride_pl_h + rows, lse2, mask=row_ok)
+        m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
+                                    n_new, hi, q_offset, qk_scale, stride_knn, stride_knh,
+                                    stride_vnn, stride_vnh, stride_mask, HEAD_DIM, BLOCK_N,
+                                    CAUSAL, IS_FP32)
+    _store_partial(po_ptr, pl_ptr, rows, row_ok, m_i, l_i, acc, stride_po_s, stride_po_h,
+                   stride_pl_s, stride_pl_h, HEAD_DIM)
 
 
 @triton.jit
