@@ -1,4 +1,5 @@
-"""The model runner through the Triton kernels (interpreter on CPU) equals the SDPA path."""
+"""The model runner through the Triton kernels equals the SDPA path (on CUDA where there is a
+device, else on the CPU through Triton's interpreter; fp32 both ways)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from lsrt.runtime.spec.tree import DraftTree
 from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.kernels
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton launches need device tensors
 
 
 def test_prefill_verify_commit_match_sdpa(tmp_path):
@@ -20,8 +22,8 @@ def test_prefill_verify_commit_match_sdpa(tmp_path):
     tree = DraftTree.from_paths(ids[-1], [[3, 4, 5], [3, 6], [7]])
     outs = {}
     for attention in ("sdpa", "triton"):
-        runner = ModelRunner(load_model(tmp_path), RunnerConfig(
-            attention=attention, kv_budget_mb=4, block_size=4, prefill_chunk=8))
+        runner = ModelRunner(load_model(tmp_path, device=DEVICE), RunnerConfig(
+            attention=attention, kv_budget_mb=4, block_size=4, prefill_chunk=8, device=DEVICE))
         seq = runner.new_sequence()
         first = runner.prefill(seq, ids[:-1], want_logits=True)
         logits = runner.verify(seq, tree)
