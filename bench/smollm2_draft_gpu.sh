@@ -7,6 +7,18 @@
 #   bench/smollm2_draft_gpu.sh long    # long stage: 6K windows, plain positions
 #   bench/smollm2_draft_gpu.sh eval    # acceptance vs suffix/self/auto (bench/gpu_e2e.py)
 #
+# Later rounds continue from the shipped draft with more self-generated data. Traces 13-15 of
+# every file are a held-in evaluation block: their text is in the trace sources, but the
+# target's continuations of their turns are never generated for training.
+#
+#   bench/smollm2_draft_gpu.sh gen2    # first 6 turns of every other held-in trace
+#   bench/smollm2_draft_gpu.sh gen3    # the next 6
+#   bench/smollm2_draft_gpu.sh more    # continue the shipped draft (RUN_NAME, GEN_FILES)
+#
+# The shipped draft's last two stages: `gen2`, then `MINUTES=4 more` and `MINUTES=7.3 more`
+# (it resumes; 2600 steps); that draft copied into runtime/drafts/, then `gen3` and
+# `MINUTES=5 RUN_NAME=long4 LR=7e-5 STEPS=2200 GEN_FILES=$WORK/gen.pt@2,$WORK/gen2.pt@3,$WORK/gen3.pt@3 more`.
+#
 # Every stage resumes: re-running `short` or `long` continues from its last checkpoint.
 # Environment: MODEL (a .gguf or registry name; default smollm2-135m), TRACES_DIR (default
 # ../shared/data/agent-traces), WORK (default /tmp/lsrt), MINUTES (per training call), OUT
@@ -56,6 +68,21 @@ short)
         --stage short --seq-len 2048 --batch 4 --lr 3e-4 --steps 4000 --max-tokens 8000000 \
         --max-minutes "$MINUTES"
     export_bf16 "$WORK/runs/short"
+    ;;
+gen2|gen3)
+    SKIP=0; [ "$STAGE" = gen3 ] && SKIP=6
+    "$PY" -m lsrt.runtime.training.selfgen --target "$MODEL" --device "$DEVICE" --traces "${TRACES[@]}" \
+        --out "$WORK/$STAGE.pt" --holdout 3 --exclude-traces 13:16 --skip-turns $SKIP \
+        --turns-per-trace 6 --max-new 256 --keep-context 1024 --max-minutes "${GEN_MINUTES:-2.5}" \
+        --no-progress
+    ;;
+more)
+    RUN="$WORK/runs/${RUN_NAME:-more}"
+    "$PY" -m lsrt.runtime.training.longspec_train "${COMMON[@]}" --init runtime/drafts/smollm2-135m \
+        --out "$RUN" --data "stdlib@1,${TRACES[0]}@1,${TRACES[1]}@1,${TRACES[2]}@1,${GEN_FILES:-$WORK/gen.pt@2,$WORK/gen2.pt@4}" \
+        --stage long --seq-len 4096 --batch 2 --lr "${LR:-1e-4}" --steps "${STEPS:-2600}" \
+        --max-tokens 12000000 --max-minutes "$MINUTES"
+    export_bf16 "$RUN"
     ;;
 long)
     INIT=()
