@@ -15,7 +15,7 @@ throughput:
 A long match keeps its tree alone: merging would cut a deep suffix path that is accepted many
 tokens at a time to make room for a model tree that is accepted 2-3 (on SmolLM2's agent traces
 suffix alone emitted 9-13 tokens per step after matches of 8+ tokens, merged 7-8; after
-matches of 2-3 tokens the merged tree emitted 2.9-3.5 where suffix alone emitted 2.0-2.4:
+matches of 2-3 tokens the merged tree emitted 2.8-3.5 where suffix alone emitted 2.0-2.2:
 `bench/auto_oracle.py`).
 
 An arm's rating is (tokens per step) / (seconds per step), per situation. Seconds: the median
