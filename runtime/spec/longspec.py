@@ -41,6 +41,10 @@ EAGER_BEFORE_CAPTURE = 2
 # The cross buffer (the target's last-layer K/V) starts this large, capped at the context limit:
 # every growth re-captures the drafter's graphs, and SmolLM2's whole 8K context is 6 MB.
 CROSS_START_BYTES = 64 << 20
+# Up to this many newly accepted tokens are encoded into the draft's own ring inside the
+# proposal (its graph on CUDA); a longer catch-up (the first proposal, or after a stretch the
+# drafter did not draft) runs eagerly first.
+ENCODE_PAD = 8
 DEFAULT_WIDTHS = (2, 2, 2, 2, 2, 2)  # nodes added per depth: 13 nodes, depth 6 (fits the
 # engine's 16-node budget; on an H100 with SmolLM2 it accepted 3.20 tokens/step against 2.74
 # for a depth-6 chain and 2.46 for LongSpec's wide (4, 16, 16, ...) tree cut to the budget)
@@ -236,7 +240,10 @@ class LongSpecDrafter:
         self.head_ids_t = None if ids is None else ids.to(runner.model.device)
         self.sink, self.window = draft.lcfg.sink, draft.lcfg.window
         cfg = runner.cfg
-        shape = (cfg.num_kv_heads, self.sink + self.window, cfg.head_dim)
+        # The ring: sink + window slots, and one scratch slot (never visible) that padded rows
+        # of an in-graph encode write to.
+        self.scratch = self.sink + self.window
+        shape = (cfg.num_kv_heads, self.scratch + 1, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=runner.model.dtype, device=runner.model.device)
         self.v = torch.zeros_like(self.k)
         self.history: list[int] = []
@@ -246,8 +253,7 @@ class LongSpecDrafter:
         dev = runner.model.device
         # The position each own-cache slot holds (-1: none); validity is computed from it on
         # the device, so a proposal reads the whole ring at a fixed shape.
-        self.slot_pos = torch.full((self.sink + self.window,), -1, dtype=torch.long,
-                                   device=dev)
+        self.slot_pos = torch.full((self.scratch + 1,), -1, dtype=torch.long, device=dev)
         # The target's last-layer K/V of committed positions, copied as they commit into a
         # buffer of fixed capacity (doubling when outgrown): fixed shapes again.
         per_position = 2 * cfg.num_kv_heads * cfg.head_dim * self.k.element_size()
@@ -255,8 +261,14 @@ class LongSpecDrafter:
         self.xk: torch.Tensor | None = None
         self.xv: torch.Tensor | None = None
         self.x_len = 0  # positions [0, x_len) of xk/xv are current
-        self._scalars = torch.zeros(3, dtype=torch.long, device=dev)  # root, lo, committed
-        self._root_token = torch.zeros(1, dtype=torch.long, device=dev)
+        # What a proposal reads from the host, staged in one copy: root, lo, committed, the
+        # root token, then ENCODE_PAD token ids and positions to encode (position -1: none).
+        self._stage = torch.zeros(4 + 2 * ENCODE_PAD, dtype=torch.long, device=dev)
+        self._stage_host = torch.zeros(self._stage.shape, dtype=torch.long,
+                                       pin_memory=dev.type == "cuda")
+        self._scalars, self._root_token = self._stage[:3], self._stage[3:4]
+        self._enc_ids = self._stage[4:4 + ENCODE_PAD]
+        self._enc_pos = self._stage[4 + ENCODE_PAD:]
         self.draft.inv_freq = self.draft.inv_freq.to(dev)  # no host copies inside a graph
         self.use_graphs = dev.type == "cuda" if use_graphs is None else use_graphs
         self._graphs: dict[tuple, tuple] = {}  # (level sizes, capacity) -> graph, outputs
@@ -292,6 +304,32 @@ class LongSpecDrafter:
             self.k[:, slots] = k.transpose(0, 1)
             self.v[:, slots] = v.transpose(0, 1)
             self.slot_pos[slots] = torch.arange(a, b, device=dev)
+
+    def _staged_catch_up(self, end: int) -> list[int] | None:
+        """Positions [done, end) when they can be encoded inside the proposal (at most
+        ENCODE_PAD of them, sinks done, nothing to skip or re-encode: what `catch_up` would
+        do is exactly "encode [done, end)"); None when `catch_up` must run eagerly."""
+        if end <= self.sink or self.done < self.sink or end - self.done > ENCODE_PAD:
+            return None
+        lo = max(self.sink, end - self.window)
+        if self.done < lo or max(self.sink, self.floor) > lo or self.done > end:
+            return None
+        return list(range(self.done, end))
+
+    def _encode_staged(self) -> None:
+        """Encode the staged tokens into the ring (device state only; padded rows, position
+        -1, go to the scratch slot)."""
+        pos = self._enc_pos
+        valid = pos >= 0
+        p = pos.clamp(min=0)
+        x = self.target.embed[self._enc_ids]
+        cos, sin = self.draft.rope(p, x.dtype)
+        _, k, v = self.draft.project_self(x, cos, sin)
+        ring = torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.window)
+        slots = torch.where(valid, ring, self.scratch)
+        self.k[:, slots] = k.transpose(0, 1)
+        self.v[:, slots] = v.transpose(0, 1)
+        self.slot_pos[slots] = torch.where(valid, pos, -1)
 
     def catch_up(self, end: int) -> None:
         if self.done < min(self.sink, end):
@@ -367,11 +405,19 @@ class LongSpecDrafter:
         committed = self.seq.num_tokens
         if committed == 0:  # nothing for the cross-attention to read yet
             return None
-        self.catch_up(root)
+        staged = self._staged_catch_up(root)
+        if staged is None:
+            self.catch_up(root)
+            staged = []
+        else:
+            self.done = root
         self._sync_cross(committed)
         lo = max(self.sink, self.floor, root - self.window)
-        self._scalars.copy_(torch.tensor([root, lo, committed]))
-        self._root_token.fill_(history[-1])
+        pad = ENCODE_PAD - len(staged)
+        self._stage_host.copy_(torch.tensor(
+            [root, lo, committed, history[-1]] + [history[q] for q in staged] + [0] * pad
+            + staged + [-1] * pad))
+        self._stage.copy_(self._stage_host, non_blocking=True)
         vocab = self.head.shape[0]
         sizes = [1]  # nodes per level, known before drafting: no host sync inside the loop
         for w in widths:
@@ -379,16 +425,19 @@ class LongSpecDrafter:
         key = (tuple(sizes), self.xk.shape[1])
         self._uses[key] = self._uses.get(key, 0) + 1
         if self.use_graphs and self._uses[key] > EAGER_BEFORE_CAPTURE:
-            tokens, parents = self._replay(key)
+            out = self._replay(key)
         else:
-            tokens, parents = self._levels(sizes)
-        return DraftTree(tokens=tokens.tolist(), parents=parents.tolist(), source=self.name)
+            out = self._levels(sizes)
+        tokens, parents = out.tolist()  # the one read-back
+        return DraftTree(tokens=tokens, parents=parents, source=self.name)
 
-    def _levels(self, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The beam tree from device state alone (own ring, slot positions, cross buffer,
-        `_scalars`, `_root_token`): fixed shapes, no host synchronisation, so it can be
-        captured in a CUDA graph. Returns (tokens, parents) `[sum(sizes)]`."""
+    def _levels(self, sizes: list[int]) -> torch.Tensor:
+        """The staged encode, then the beam tree, from device state alone (own ring, slot
+        positions, cross buffer, the staged scalars and tokens): fixed shapes, no host
+        synchronisation, so it can be captured in a CUDA graph. Returns (tokens; parents)
+        `[2, sum(sizes)]`."""
         dev = self.target.device
+        self._encode_staged()
         root, lo, committed = self._scalars[0], self._scalars[1], self._scalars[2]
         sp = self.slot_pos
         own = (sp >= 0) & (sp < root) & ((sp < self.sink) | (sp >= lo))  # [S] visible slots
@@ -424,9 +473,9 @@ class LongSpecDrafter:
             cum[new] = scores
             anc[new] |= anc[par]
             t += m
-        return tokens, parents
+        return torch.stack((tokens, parents))
 
-    def _replay(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    def _replay(self, key: tuple) -> torch.Tensor:
         """Run `_levels` through a CUDA graph captured once per (level sizes, capacity)."""
         if key not in self._graphs:
             sizes = list(key[0])

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from lsrt.runtime.llm import LLM
 from lsrt.runtime.runner import RunnerConfig
 from lsrt.runtime.sampling import SamplingParams
-from lsrt.runtime.spec.longspec import (LongSpecConfig, LongSpecDrafter, init_from_target,
-                                        make_longspec_drafter)
+from lsrt.runtime.spec.longspec import (ENCODE_PAD, LongSpecConfig, LongSpecDrafter,
+                                        init_from_target, make_longspec_drafter)
 from lsrt.runtime.spec.longspec_ckpt import load_longspec_checkpoint
 from lsrt.sessions.blob import decode_draft_blob, encode_draft_blob
 
@@ -301,3 +301,41 @@ def test_cross_buffer_grows_and_follows_rollback(smollm2_dir, tmp_path):
     assert run(llm, ids[:1030], drafter_for(llm, (2, 2, 2), seed=2, cross_start=1024),
                params).token_ids == \
         run(llm, ids[:1030], None, params).token_ids
+
+
+def test_staged_encode_equals_eager_catch_up(smollm2_dir, tmp_path):
+    """Up to ENCODE_PAD newly accepted tokens are encoded inside the proposal (its CUDA graph
+    on a GPU); more run the eager catch-up first. Either way the tree and the ring's visible
+    K/V equal those of a fresh drafter that encoded everything eagerly."""
+    make_tiny_model("llama", tmp_path, max_position=4096)
+    copy_tokenizer(smollm2_dir, tmp_path)
+    llm = LLM(tmp_path, RunnerConfig(kv_budget_mb=64, block_size=16))
+    ids = repetitive_prompt(llm.runner.cfg.vocab_size, 300, seed=5)
+    seq = llm.runner.new_sequence()
+    try:
+        llm.runner.prefill(seq, ids[:200])
+        live = drafter_for(llm, (2, 2, 2), seed=2)
+        live.bind(seq)
+        live.observe(ids[:201])
+        live.propose(ids[:201], 16)  # the first catch-up is eager
+        n = 201
+        for step in (1, 3, ENCODE_PAD, 2, ENCODE_PAD + 1, 5):
+            llm.runner.prefill(seq, ids[n - 1:n - 1 + step])
+            live.observe(ids[n:n + step])
+            n += step
+            staged = live._staged_catch_up(n - 1)
+            assert (staged is not None) == (step <= ENCODE_PAD)
+            got = live.propose(ids[:n], 16)
+            fresh = drafter_for(llm, (2, 2, 2), seed=2)
+            fresh.bind(seq)
+            fresh.observe(ids[:n])
+            want = fresh.propose(ids[:n], 16)
+            assert (got.tokens, got.parents) == (want.tokens, want.parents), step
+            slots = [live.slot(p) for p in live.visible(n - 1)]
+            assert slots == [fresh.slot(p) for p in fresh.visible(n - 1)]
+            torch.testing.assert_close(live.k[:, slots], fresh.k[:, slots])
+            torch.testing.assert_close(live.v[:, slots], fresh.v[:, slots])
+            assert live.slot_pos[slots].tolist() == fresh.slot_pos[slots].tolist()
+            assert int(live.slot_pos[live.scratch]) == -1  # the scratch slot is never visible
+    finally:
+        seq.release()
