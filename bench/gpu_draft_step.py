@@ -27,7 +27,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama3-8b")
     args = ap.parse_args()
 
-    from lsrt.runtime.spec.longspec import LongSpecConfig, LongSpecDrafter, init_from_target
+    from lsrt.runtime.spec.longspec import LongSpecDrafter
+    from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
     from lsrt.runtime.spec.tree import DraftTree
 
     runner, cfg, _ = build_runner(args.shape, "triton" if args.device == "cuda" else "sdpa",

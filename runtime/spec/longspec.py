@@ -1,40 +1,24 @@
-"""`longspec[:PATH]` drafter: LongSpec's one-layer draft that reads the target's last-layer KV.
-
-The draft layer (built from the target's config, fed the target's frozen token embeddings):
-
-    x  = embed[token]
-    x += SelfAttn(norm(x))      own K/V, sink + sliding window, RoPE at the draft position
-    x += CrossAttn(norm(x))     query only; K/V = the target's LAST layer, committed positions
-    x += MLP(norm(x))
-    logits = lm_head(final_norm(x))   (final_norm absent in the published checkpoints)
-
-The draft's own K/V depend only on (token, position) — they are projections of embeddings —
-so keeping the cache up to date costs one matmul per history token, no attention.
-
-Cross-attention lag: a draft query at position `N + d` (tree depth d, root at N =
-seq.num_tokens) attends to the target's last-layer keys of positions `< N` only — the target
-KV that is committed — never to the KV of uncommitted tree tokens. Training reproduces this
-(`lsrt.runtime.training.longspec_train.lag_commit`). Keys are post-RoPE at absolute positions
-in both caches ("post-rope-absolute"). Checkpoint loading and saving live in `longspec_ckpt`;
-docs/LONGSPEC.md has the checkpoint key mapping.
+"""`longspec[:PATH]` drafter: proposes a beam tree with LongSpec's one-layer draft
+(`longspec_layer`), keeping the draft's own sink + window cache and a copy of the target's
+committed last-layer K/V; on CUDA a whole proposal replays one captured graph
+(docs/LONGSPEC.md, "Drafting on CUDA").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lsrt.runtime.config import ModelConfig, rope_inv_freq
 from lsrt.runtime.kv_cache import KVSequence
-from lsrt.runtime.model import DecoderModel, apply_rope, rms_norm
 from lsrt.runtime.runner import ModelRunner
 from lsrt.runtime.spec.drafter import DraftState
+from lsrt.runtime.spec.longspec_ckpt import (find_bundled_draft, is_own_checkpoint, load_draft,
+                                             load_longspec_checkpoint)
+from lsrt.runtime.spec.longspec_layer import POSITIONS, LongSpecDraft, init_from_target
 from lsrt.runtime.spec.tree import DraftTree
 
-POSITIONS = "post-rope-absolute"
 # On CUDA a proposal shape is captured in a graph on its 3rd use: a drafter that lives for a
 # few steps only (a short stateless request) does not pay the capture.
 EAGER_BEFORE_CAPTURE = 2
@@ -50,168 +34,8 @@ DEFAULT_WIDTHS = (2, 2, 2, 2, 2, 2)  # nodes added per depth: 13 nodes, depth 6 
 # for a depth-6 chain and 2.46 for LongSpec's wide (4, 16, 16, ...) tree cut to the budget)
 
 
-@dataclass(frozen=True, kw_only=True)
-class LongSpecConfig:
-    """How the draft layer attends to its own history (training and inference must agree)."""
-
-    sink: int = 4
-    window: int = 512
-    final_norm: bool = True
-
-    def __post_init__(self) -> None:
-        if self.sink < 0 or self.window < 1:
-            raise ValueError(f"longspec needs sink >= 0 and window >= 1, got {self.sink}, "
-                             f"{self.window}")
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-           scale: float, check_empty: bool = True) -> torch.Tensor:
-    """q `[n, Hq, D]`, k/v `[Hkv, S, D]`, mask `[n, S]` bool (True = visible) -> `[n, Hq, D]`.
-
-    A query that sees no key gets a zero output (LongSpec pads those rows with zeros);
-    `check_empty=False` promises there is none (every self-attention row sees its own key) and
-    saves a host synchronisation.
-    """
-    if k.shape[1] == 0:
-        return q.new_zeros(q.shape)
-    empty = None
-    if mask is not None and check_empty:
-        empty = ~mask.any(-1)  # [n]
-        if bool(empty.any()):
-            mask = mask.clone()
-            mask[empty, 0] = True
-    # [1, Hq, n, D] against [1, Hkv, S, D] with SDPA's own GQA: the flash kernel then splits the
-    # long cross-attention context across blocks (a per-KV-head 3-D layout did not, and cost
-    # 50-70% of a target step at 32K-128K on an H100).
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None],
-                                         attn_mask=mask, scale=scale, enable_gqa=True)
-    out = out[0].transpose(0, 1)
-    if empty is not None:
-        out = out * (~empty).to(out.dtype)[:, None, None]
-    return out
-
-
-class LongSpecDraft(torch.nn.Module):
-    """The draft layer's own weights; embed and lm_head stay the target's (passed in)."""
-
-    def __init__(self, cfg: ModelConfig, lcfg: LongSpecConfig | None = None) -> None:
-        super().__init__()
-        self.cfg, self.lcfg = cfg, lcfg or LongSpecConfig()
-        h, i, d, hq, hkv = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim,
-                            cfg.num_heads, cfg.num_kv_heads)
-
-        def p(*shape: int) -> torch.nn.Parameter:
-            return torch.nn.Parameter(torch.zeros(*shape))
-
-        self.in_norm, self.ca_norm, self.mlp_norm = p(h), p(h), p(h)
-        self.sa_qkv_w, self.sa_qkv_b = p((hq + 2 * hkv) * d, h), p((hq + 2 * hkv) * d)
-        self.sa_o_w = p(h, hq * d)
-        self.ca_q_w, self.ca_q_b, self.ca_o_w = p(hq * d, h), p(hq * d), p(h, hq * d)
-        self.gate_up_w, self.down_w = p(2 * i, h), p(h, i)
-        if cfg.qk_norm:
-            self.q_norm, self.k_norm = p(d), p(d)
-        self.final_norm = p(h) if self.lcfg.final_norm else None
-        self.register_buffer("vocab_ids", None)  # see set_draft_vocab
-        self.inv_freq = rope_inv_freq(cfg)  # `[D/2]` float32, a plain attribute: never cast
-        self.scale = d ** -0.5
-
-    def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
-        """Draft only these token ids (`[K]`, most useful first; None: the whole vocabulary).
-
-        The lm_head read per tree level is then `K x H` instead of `V x H` (FR-Spec's idea): on
-        SmolLM2 the head is a fifth of the model, so a full-vocabulary draft level costs a fifth
-        of a target step. Tokens outside the set are never drafted; verification, and so the
-        output, is unchanged. Saved with the weights (`vocab_ids`, int64).
-        """
-        if ids is not None:
-            ids = ids.detach().to(torch.long).cpu()
-            if ids.dim() != 1 or not len(ids) or int(ids.min()) < 0 or \
-                    int(ids.max()) >= self.cfg.vocab_size or len(set(ids.tolist())) != len(ids):
-                raise ValueError("draft vocabulary must be distinct ids within the vocabulary")
-        self.vocab_ids = ids
-
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions `[n]` -> cos, sin `[n, 1, D]` (the target's RoPE, same scaling)."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
-
-    def _norm_qk(self, t: torch.Tensor, w: str) -> torch.Tensor:
-        return rms_norm(t, getattr(self, w), self.cfg.rms_norm_eps) if self.cfg.qk_norm else t
-
-    def project_self(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x `[n, H]` embeddings -> q `[n, Hq, D]`, k/v `[n, Hkv, D]` (q, k post-RoPE)."""
-        cfg, n = self.cfg, x.shape[0]
-        d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        qkv = F.linear(rms_norm(x, self.in_norm, cfg.rms_norm_eps), self.sa_qkv_w, self.sa_qkv_b)
-        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        q = self._norm_qk(q.view(n, hq, d), "q_norm")
-        k = self._norm_qk(k.view(n, hkv, d), "k_norm")
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(n, hkv, d)
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor,
-                past_k: torch.Tensor | None, past_v: torch.Tensor | None,
-                self_mask: torch.Tensor | None, cross_k: torch.Tensor, cross_v: torch.Tensor,
-                cross_mask: torch.Tensor | None, check_empty: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One pass of `n` tokens -> (hidden `[n, H]` ready for lm_head, new k, v `[n, Hkv, D]`).
-
-        x `[n, H]` token embeddings; positions `[n]`; past_k/v `[Hkv, S, D]` (own cache, may be
-        None); self_mask `[n, S + n]` over past then new keys (None = all visible); cross_k/v
-        `[Hkv, M, D]` the target's last-layer K/V; cross_mask `[n, M]` (None = all visible).
-        Every self-attention row must see its own new key (true of causal and tree masks);
-        `check_empty=False` promises the same of the cross mask (no host synchronisation).
-        """
-        cfg, n = self.cfg, x.shape[0]
-        cos, sin = self.rope(positions, x.dtype)
-        q, k, v = self.project_self(x, cos, sin)
-        keys, vals = k.transpose(0, 1), v.transpose(0, 1)
-        if past_k is not None:
-            keys, vals = torch.cat([past_k, keys], 1), torch.cat([past_v, vals], 1)
-        a = attend(q, keys, vals, self_mask, self.scale, check_empty=False)
-        x = x + F.linear(a.reshape(n, -1), self.sa_o_w)
-        hq, d = cfg.num_heads, cfg.head_dim
-        cq = F.linear(rms_norm(x, self.ca_norm, cfg.rms_norm_eps), self.ca_q_w, self.ca_q_b)
-        cq = apply_rope(self._norm_qk(cq.view(n, hq, d), "q_norm"), cos, sin)
-        a = attend(cq, cross_k, cross_v, cross_mask, self.scale, check_empty)
-        x = x + F.linear(a.reshape(n, -1), self.ca_o_w)
-        gate, up = F.linear(rms_norm(x, self.mlp_norm, cfg.rms_norm_eps),
-                            self.gate_up_w).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, self.down_w)
-        if self.final_norm is not None:
-            x = rms_norm(x, self.final_norm, cfg.rms_norm_eps)
-        return x, k, v
-
-
-@torch.no_grad()
-def init_from_target(target: DecoderModel, lcfg: LongSpecConfig | None = None) -> LongSpecDraft:
-    """A draft initialised from the target's last layer (LongSpec's recipe), float32, CPU.
-
-    Self- and cross-attention both start from the last layer's attention (the cross query is
-    its q projection: at init it reads layer-N keys as the target's own last layer does).
-    """
-    cfg = target.cfg
-    draft = LongSpecDraft(cfg, lcfg)
-    last = target.layers[-1]
-    qn = cfg.num_heads * cfg.head_dim
-    src = {"in_norm": last.in_norm, "ca_norm": last.in_norm, "mlp_norm": last.post_norm,
-           "sa_qkv_w": last.qkv_w, "sa_o_w": last.o_w, "ca_q_w": last.qkv_w[:qn],
-           "ca_o_w": last.o_w, "gate_up_w": last.gate_up_w, "down_w": last.down_w}
-    if last.qkv_b is not None:
-        src |= {"sa_qkv_b": last.qkv_b, "ca_q_b": last.qkv_b[:qn]}
-    if cfg.qk_norm:
-        src |= {"q_norm": last.q_norm, "k_norm": last.k_norm}
-    if draft.final_norm is not None:
-        src["final_norm"] = target.norm
-    params = dict(draft.named_parameters())
-    for name, t in src.items():
-        params[name].copy_(t.float().cpu())
-    return draft
-
-
-# -- the drafter ------------------------------------------------------------------------
 class LongSpecDrafter:
     """Drafter protocol over a LongSpecDraft: a top-k tree, `widths[d]` nodes at depth d + 1.
 
@@ -546,13 +370,7 @@ def make_longspec_drafter(runner: ModelRunner, path: str | Path | None = None, *
     """`longspec`: the shipped draft trained for this target (`runtime/drafts/`, matched by
     weights), else a draft initialised from the target's last layer (untrained, still lossless);
     `longspec:DIR` (a `save_draft` directory) or `longspec:PATH` (a published checkpoint)."""
-    # Imported here: longspec_ckpt builds LongSpecDraft, so it imports this module.
-    from lsrt.runtime.spec.longspec_ckpt import (is_own_checkpoint, load_draft,
-                                                 load_longspec_checkpoint)
-
     if path is None:
-        from lsrt.runtime.spec.longspec_ckpt import find_bundled_draft
-
         path = find_bundled_draft(runner.model)
     if path is None:
         draft = init_from_target(runner.model)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lsrt.runtime.config import ModelConfig
-from lsrt.runtime.spec.longspec import POSITIONS, LongSpecConfig, LongSpecDraft
+from lsrt.runtime.spec.longspec_layer import POSITIONS, LongSpecConfig, LongSpecDraft
 
 FORMAT = "lsrt-longspec-draft"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "drafts"  # lsrt/runtime/drafts/<name>/

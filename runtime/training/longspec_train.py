@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from lsrt.runtime.attention import AttentionMeta, SdpaAttention
 from lsrt.runtime.model import DecoderModel
-from lsrt.runtime.spec.longspec import LongSpecDraft
+from lsrt.runtime.spec.longspec_layer import LongSpecDraft
 from lsrt.runtime.training.data import Mixture, sample_window
 
 
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from lsrt.runtime.model import load_model
     from lsrt.runtime.models import resolve_model
     from lsrt.runtime.runner import DTYPES
-    from lsrt.runtime.spec.longspec import LongSpecConfig, init_from_target
+    from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
     from lsrt.runtime.spec.longspec_ckpt import (is_own_checkpoint, load_draft,
                                                  load_longspec_checkpoint)
     from lsrt.runtime.tokenizer import Tokenizer

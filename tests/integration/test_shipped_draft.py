@@ -11,7 +11,8 @@ import pytest
 
 from lsrt.runtime.sampling import SamplingParams
 from lsrt.runtime.spec.drafters import make_drafter
-from lsrt.runtime.spec.longspec import LongSpecDrafter, init_from_target
+from lsrt.runtime.spec.longspec import LongSpecDrafter
+from lsrt.runtime.spec.longspec_layer import init_from_target
 from lsrt.runtime.spec.longspec_ckpt import BUNDLED_DIR, find_bundled_draft, target_digest
 from lsrt.runtime.training.selfgen import trace_turn_prompts
 

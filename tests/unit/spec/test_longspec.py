@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from lsrt.runtime.llm import LLM
 from lsrt.runtime.runner import RunnerConfig
 from lsrt.runtime.sampling import SamplingParams
-from lsrt.runtime.spec.longspec import (ENCODE_PAD, LongSpecConfig, LongSpecDrafter,
-                                        init_from_target, make_longspec_drafter)
+from lsrt.runtime.spec.longspec import ENCODE_PAD, LongSpecDrafter, make_longspec_drafter
+from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
 from lsrt.runtime.spec.longspec_ckpt import load_longspec_checkpoint
 from lsrt.sessions.blob import decode_draft_blob, encode_draft_blob
 

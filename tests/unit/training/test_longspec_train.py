@@ -12,8 +12,8 @@ import torch
 
 from lsrt.runtime.model import load_model
 from lsrt.runtime.runner import ModelRunner, RunnerConfig
-from lsrt.runtime.spec.longspec import (LongSpecConfig, LongSpecDrafter, init_from_target,
-                                        make_longspec_drafter)
+from lsrt.runtime.spec.longspec import LongSpecDrafter, make_longspec_drafter
+from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
 from lsrt.runtime.spec.longspec_ckpt import load_draft
 from lsrt.runtime.training.data import (DataConfig, Mixture, build_corpus, build_mixture,
                                         parse_sources)
