@@ -4,7 +4,7 @@
         [--skip-traces 13] [--max-traces 3] [--turns-per-trace 3] [--max-new 96]
         [--draft longspec[:DIR]]
 
-Replays agent-trace turns as sessions (as `bench/spec_cpu.py` does). Each turn is first decoded
+Replays agent-trace turns as sessions (with `bench/spec_cpu.py`'s `LsrtRun`). Each turn is first decoded
 plainly (the target's greedy tokens, the truth); then decoded again with speculation, and at
 every step four trees are built from the same drafter state: the suffix tree, the model's tree
 with the full node budget and with half of it, and the merged tree `auto` would propose
@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from traces import TRACES_DIR, advance, load_traces, replay_turns  # noqa: E402
+from spec_cpu import LsrtRun, Tally  # noqa: E402
+from traces import TRACES_DIR, load_traces, replay_turns  # noqa: E402
 
 BUCKETS = (("no match", 0, 1), ("depth 2-5", 2, 5), ("depth 6-9", 6, 9), ("depth 10+", 10, 99))
 COLUMNS = ("suffix", "model", "model/2", "merged")
@@ -108,46 +109,30 @@ def main() -> None:
 
     from lsrt.runtime.llm import LLM
     from lsrt.runtime.runner import RunnerConfig
-    from lsrt.runtime.sampling import SamplingParams
-    from lsrt.runtime.spec.drafters import make_drafter
 
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     llm = LLM.load(args.model, RunnerConfig(device=args.device, dtype=dtype), progress=False)
     llm.engine.eos_ids = ()  # a fixed number of tokens per turn, as the other benchmarks
-    params = SamplingParams(max_tokens=args.max_new)
     print("command: python bench/auto_oracle.py " + " ".join(sys.argv[1:]))
     for path in args.traces:
         rows: list[dict] = []
         traces = load_traces(path)[args.skip_traces:args.skip_traces + args.max_traces]
         for trace in traces:
-            rec = Recorder(make_drafter(f"auto:{args.draft}", llm))
-            plain_seq, spec_seq = llm.runner.new_sequence(), llm.runner.new_sequence()
-            rec.bind(spec_seq)
-            plain_hist: list[int] = []
-            spec_hist: list[int] = []
+            plain, spec = LsrtRun(llm, "none"), LsrtRun(llm, f"auto:{args.draft}")
+            rec = spec.drafter = Recorder(spec.drafter)
             try:
                 for turn in replay_turns(llm.tokenizer, trace, turns=args.turns_per_trace):
-                    keep = advance(plain_hist, turn.prompt_ids, plain_seq.num_tokens)
-                    plain_seq.truncate(keep)
-                    llm.runner.prefill(plain_seq, plain_hist[keep:-1])
-                    truth = list(llm.engine.generate(plain_seq, plain_hist, params).token_ids)
-                    keep = advance(spec_hist, turn.prompt_ids, spec_seq.num_tokens)
-                    spec_seq.truncate(keep)
-                    rec.rollback(keep)
-                    rec.observe(spec_hist[keep:])
-                    llm.runner.prefill(spec_seq, spec_hist[keep:-1])
-                    rec.truth, rec.base = truth, len(spec_hist)
-                    got = llm.engine.generate(spec_seq, spec_hist, params, drafter=rec)
-                    if list(got.token_ids) != truth:
+                    truth = plain.turn(turn, args.max_new, Tally(), None)
+                    rec.truth, rec.base = truth, len(turn.prompt_ids)
+                    if spec.turn(turn, args.max_new, Tally(), None) != truth:
                         raise SystemExit(f"MISMATCH on {trace.id} turn {turn.turn}")
             finally:
-                plain_seq.release()
-                spec_seq.release()
+                plain.close()
+                spec.close()
             rows += rec.rows
         print(table(f"{args.model} on {Path(path).name} (traces {args.skip_traces}.."
                     f"{args.skip_traces + len(traces) - 1}, {args.turns_per_trace} turns, "
                     f"{args.max_new} tokens; mean tokens emitted per step)", rows), flush=True)
-
 
 if __name__ == "__main__":
     main()
