@@ -3,18 +3,17 @@
     python bench/longspec_propose.py [--model smollm2-135m] [--device cpu|cuda] [--repeats 30]
         [--drafts longspec longspec#1,1,1,1,1,1 longspec:DIR ...]
 
-Prefills one agent-trace prompt, then times (median of --repeats, synchronised on CUDA): a
-plain decode step (a 1-node verify), a 13-node verify (the default tree's size), and one
-`propose` of each LongSpec drafter spec (`#W1,W2,...` sets the tree widths). On CUDA the target
-steps replay CUDA graphs; the draft runs eagerly.
+Prefills one agent-trace prompt, then times (median of --repeats after 3 warm-up calls,
+synchronised on CUDA: `gpu_graphs.wall_ms`): a plain decode step (a 1-node verify), a 13-node
+verify (the default tree's size), and one `propose` of each LongSpec drafter spec
+(`#W1,W2,...` sets the tree widths) at a fixed position. On CUDA the target steps and the
+proposal replay CUDA graphs (the drafter captures on its third proposal of a shape).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,20 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from draft_specs import split_spec  # noqa: E402
 from gpu_e2e import trace_prompts  # noqa: E402
-
-
-def timed(fn, repeats: int, device: str) -> float:
-    """Median milliseconds of `fn()`."""
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(out)
+from gpu_graphs import wall_ms  # noqa: E402
 
 
 def main() -> None:
@@ -61,18 +47,18 @@ def main() -> None:
         llm.runner.prefill(seq, ids[:-1])
         one = DraftTree.chain(ids[-1], [])
         tree = DraftTree(tokens=[ids[-1]] * 13, parents=[-1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
-        rows = [("target decode step (1 node)", timed(lambda: llm.runner.verify(seq, one),
-                                                      args.repeats, args.device)),
-                ("target verify (13 nodes)", timed(lambda: llm.runner.verify(seq, tree),
-                                                   args.repeats, args.device))]
+        rows = [("target decode step (1 node)",
+                 wall_ms(lambda: llm.runner.verify(seq, one), args.repeats)),
+                ("target verify (13 nodes)",
+                 wall_ms(lambda: llm.runner.verify(seq, tree), args.repeats))]
         for spec in args.drafts:
             draft, opts = split_spec(spec)
             drafter = make_drafter(draft, llm, opts)
             drafter.observe(ids)
             drafter.bind(seq)
             drafter.propose(ids, 16)  # encodes the window once
-            rows.append((f"propose {spec}", timed(lambda: drafter.propose(ids, 16),
-                                                  args.repeats, args.device)))
+            rows.append((f"propose {spec}",
+                         wall_ms(lambda: drafter.propose(ids, 16), args.repeats)))
     finally:
         seq.release()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
