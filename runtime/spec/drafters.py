@@ -70,7 +70,8 @@ def make_drafter(spec: str, llm: "LLM", options: DraftOptions | None = None) -> 
         if not arg:  # the shipped LongSpec draft for this target if there is one, else self
             from lsrt.runtime.spec.longspec_ckpt import find_bundled_draft
 
-            inner = "longspec" if find_bundled_draft(llm.runner.model) else "self"
+            bundled = find_bundled_draft(llm.runner.model)  # looked up once, passed on
+            inner, inner_arg = ("longspec", str(bundled)) if bundled else ("self", "")
         if inner == "longspec":
             model = _longspec_drafter(inner_arg, llm, opts)
         elif inner == "self" and not inner_arg:
