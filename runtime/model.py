@@ -16,22 +16,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from lsrt.kernels.elementwise import ElementwiseOps, get_elementwise_ops
 from lsrt.runtime.attention import AttentionBackend, AttentionMeta
 from lsrt.runtime.config import ModelConfig, rope_inv_freq
 from lsrt.runtime.errors import ModelNotFound
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[n, heads, D]`, cos/sin `[n, 1, D]` (halves duplicated, the transformers layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class DecoderLayer(torch.nn.Module):
@@ -54,24 +42,21 @@ class DecoderLayer(torch.nn.Module):
             self.q_norm = torch.nn.Parameter(torch.empty(d), requires_grad=False)
             self.k_norm = torch.nn.Parameter(torch.empty(d), requires_grad=False)
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: ElementwiseOps,
+            k_layer: torch.Tensor, v_layer: torch.Tensor, slots: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x `[n, hidden]` -> q `[n, Hq, D]`, k/v `[n, Hkv, D]` with RoPE applied to q and k."""
+        """h `[n, hidden]` (normed) -> q `[n, Hq, D]`, k/v `[n, Hkv, D]` with RoPE applied to q
+        and k; k/v also written to `slots` of this layer's cache `[Hkv, slots, D]`."""
         cfg = self.cfg
-        n, d, hq, hkv = x.shape[0], cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        h = rms_norm(x, self.in_norm, cfg.rms_norm_eps)
         qkv = F.linear(h, self.qkv_w, self.qkv_b)
-        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        q, k, v = q.view(n, hq, d), k.view(n, hkv, d), v.view(n, hkv, d)
-        if cfg.qk_norm:
-            q = rms_norm(q, self.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, self.k_norm, cfg.rms_norm_eps)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        norms = (self.q_norm, self.k_norm) if cfg.qk_norm else None
+        return ops.rope_qkv(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                            qk_norm=norms, eps=cfg.rms_norm_eps, k_cache=k_layer,
+                            v_cache=v_layer, slots=slots)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(x, self.post_norm, self.cfg.rms_norm_eps)
-        gate, up = F.linear(h, self.gate_up_w).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_w)
+    def mlp(self, h: torch.Tensor, ops: ElementwiseOps) -> torch.Tensor:
+        """h `[n, hidden]` (normed) -> `[n, hidden]`."""
+        return F.linear(ops.silu_mul(F.linear(h, self.gate_up_w)), self.down_w)
 
 
 class DecoderModel(torch.nn.Module):
@@ -88,6 +73,8 @@ class DecoderModel(torch.nn.Module):
             self.lm_head_w = torch.nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size),
                                                 requires_grad=False)
         self.inv_freq = rope_inv_freq(cfg)  # `[D/2]`, stays float32
+        # Norms, RoPE, SiLU-mul: torch references; the runner picks Triton ones on a GPU.
+        self.ops: ElementwiseOps = get_elementwise_ops("torch")
 
     @property
     def lm_head(self) -> torch.Tensor:
@@ -115,16 +102,18 @@ class DecoderModel(torch.nn.Module):
         k_cache/v_cache: the pool, `[layers, Hkv, slots, D]`; the new K/V are written at
         `meta.write_slots` before attention reads them.
         """
+        ops, eps, layers = self.ops, self.cfg.rms_norm_eps, self.layers
         x = self.embed[input_ids]
         cos, sin = self.rope(positions)
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer.qkv(x, cos, sin)
-            k_cache[i].index_copy_(1, meta.write_slots, k.transpose(0, 1))
-            v_cache[i].index_copy_(1, meta.write_slots, v.transpose(0, 1))
+        h = ops.rms_norm(x, layers[0].in_norm, eps)  # x: the residual stream, h: x normed
+        for i, layer in enumerate(layers):
+            q, k, v = layer.qkv(h, cos, sin, ops, k_cache[i], v_cache[i], meta.write_slots)
             attn = backend.attend(q, k_cache[i], v_cache[i], k, v, meta)
-            x = x + F.linear(attn.reshape(x.shape[0], -1), layer.o_w)
-            x = x + layer.mlp(x)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps)
+            x, h = ops.add_rms_norm(x, F.linear(attn.reshape(x.shape[0], -1), layer.o_w),
+                                    layer.post_norm, eps)
+            after = layers[i + 1].in_norm if i + 1 < len(layers) else self.norm
+            x, h = ops.add_rms_norm(x, layer.mlp(h, ops), after, eps)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[m, hidden]` -> logits `[m, vocab]` float32."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lsrt.kernels.elementwise import get_elementwise_ops
 from lsrt.runtime.attention import AttentionBackend, AttentionMeta, make_backend
 from lsrt.runtime.config import ModelConfig
 from lsrt.runtime.errors import ContextTooLong
@@ -32,6 +33,7 @@ class RunnerConfig:
     kv_budget_mb: int = 2048
     block_size: int = 16
     attention: str = "sdpa"  # sdpa | hybrid | triton
+    elementwise: str = "auto"  # norms, RoPE + KV write, SiLU-mul: torch | triton | auto (GPU)
     prefill_chunk: int = 512
     cuda_graphs: bool = True  # CUDA only: decode/verify replay captured graphs (cuda_graphs.py)
     graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -45,6 +47,9 @@ class RunnerConfig:
             raise ValueError("kv_budget_mb, block_size and prefill_chunk must be positive")
         if self.attention not in ("sdpa", "hybrid", "triton"):
             raise ValueError(f"attention must be sdpa, hybrid or triton, got {self.attention!r}")
+        if self.elementwise not in ("torch", "triton", "auto"):
+            raise ValueError("elementwise must be torch, triton or auto, got "
+                             f"{self.elementwise!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -61,6 +66,7 @@ class ModelRunner:
             num_kv_heads=self.cfg.num_kv_heads, head_dim=self.cfg.head_dim,
             block_size=config.block_size, dtype=model.dtype, device=config.device))
         self.backend: AttentionBackend = make_backend(config.attention)
+        model.ops = get_elementwise_ops(config.elementwise, config.device)
         self.scale = self.cfg.head_dim ** -0.5
 
     def new_sequence(self) -> KVSequence:

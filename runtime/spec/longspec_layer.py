@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from lsrt.runtime.config import ModelConfig, rope_inv_freq
-from lsrt.runtime.model import DecoderModel, apply_rope, rms_norm
+from lsrt.kernels.elementwise import ElementwiseOps, get_elementwise_ops
+from lsrt.runtime.model import DecoderModel
 
 POSITIONS = "post-rope-absolute"
 
@@ -96,6 +97,8 @@ class LongSpecDraft(torch.nn.Module):
         self.register_buffer("vocab_ids", None)  # see set_draft_vocab
         self.inv_freq = rope_inv_freq(cfg)  # `[D/2]` float32, a plain attribute: never cast
         self.scale = d ** -0.5
+        # Torch references (differentiable, for training); a drafter sets its target's ops.
+        self.ops: ElementwiseOps = get_elementwise_ops("torch")
 
     def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
         """Draft only these token ids (`[K]`, most useful first; None: the whole vocabulary).
@@ -119,19 +122,15 @@ class LongSpecDraft(torch.nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def _norm_qk(self, t: torch.Tensor, w: str) -> torch.Tensor:
-        return rms_norm(t, getattr(self, w), self.cfg.rms_norm_eps) if self.cfg.qk_norm else t
-
     def project_self(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x `[n, H]` embeddings -> q `[n, Hq, D]`, k/v `[n, Hkv, D]` (q, k post-RoPE)."""
-        cfg, n = self.cfg, x.shape[0]
-        d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        qkv = F.linear(rms_norm(x, self.in_norm, cfg.rms_norm_eps), self.sa_qkv_w, self.sa_qkv_b)
-        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
-        q = self._norm_qk(q.view(n, hq, d), "q_norm")
-        k = self._norm_qk(k.view(n, hkv, d), "k_norm")
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(n, hkv, d)
+        cfg, ops = self.cfg, self.ops
+        qkv = F.linear(ops.rms_norm(x, self.in_norm, cfg.rms_norm_eps), self.sa_qkv_w,
+                       self.sa_qkv_b)
+        norms = (self.q_norm, self.k_norm) if cfg.qk_norm else None
+        return ops.rope_qkv(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                            qk_norm=norms, eps=cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 past_k: torch.Tensor | None, past_v: torch.Tensor | None,
@@ -146,25 +145,23 @@ class LongSpecDraft(torch.nn.Module):
         Every self-attention row must see its own new key (true of causal and tree masks);
         `check_empty=False` promises the same of the cross mask (no host synchronisation).
         """
-        cfg, n = self.cfg, x.shape[0]
+        cfg, ops, n, eps = self.cfg, self.ops, x.shape[0], self.cfg.rms_norm_eps
         cos, sin = self.rope(positions, x.dtype)
         q, k, v = self.project_self(x, cos, sin)
         keys, vals = k.transpose(0, 1), v.transpose(0, 1)
         if past_k is not None:
             keys, vals = torch.cat([past_k, keys], 1), torch.cat([past_v, vals], 1)
         a = attend(q, keys, vals, self_mask, self.scale, check_empty=False)
-        x = x + F.linear(a.reshape(n, -1), self.sa_o_w)
-        hq, d = cfg.num_heads, cfg.head_dim
-        cq = F.linear(rms_norm(x, self.ca_norm, cfg.rms_norm_eps), self.ca_q_w, self.ca_q_b)
-        cq = apply_rope(self._norm_qk(cq.view(n, hq, d), "q_norm"), cos, sin)
+        x, h = ops.add_rms_norm(x, F.linear(a.reshape(n, -1), self.sa_o_w), self.ca_norm, eps)
+        q_norm = (self.q_norm, self.q_norm) if cfg.qk_norm else None
+        cq, _, _ = ops.rope_qkv(F.linear(h, self.ca_q_w, self.ca_q_b), cos, sin, cfg.num_heads,
+                                0, cfg.head_dim, qk_norm=q_norm, eps=eps)
         a = attend(cq, cross_k, cross_v, cross_mask, self.scale, check_empty)
-        x = x + F.linear(a.reshape(n, -1), self.ca_o_w)
-        gate, up = F.linear(rms_norm(x, self.mlp_norm, cfg.rms_norm_eps),
-                            self.gate_up_w).chunk(2, dim=-1)
-        x = x + F.linear(F.silu(gate) * up, self.down_w)
+        x, h = ops.add_rms_norm(x, F.linear(a.reshape(n, -1), self.ca_o_w), self.mlp_norm, eps)
+        m = F.linear(ops.silu_mul(F.linear(h, self.gate_up_w)), self.down_w)
         if self.final_norm is not None:
-            x = rms_norm(x, self.final_norm, cfg.rms_norm_eps)
-        return x, k, v
+            return ops.add_rms_norm(x, m, self.final_norm, eps)[1], k, v
+        return x + m, k, v
 
 
 @torch.no_grad()

@@ -32,3 +32,35 @@ def test_prefill_verify_commit_match_sdpa(tmp_path):
         outs[attention] = (first, logits, after)
     for a, b in zip(outs["sdpa"], outs["triton"]):
         assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_triton_elementwise_ops_match_torch(tmp_path, arch):
+    """The whole runner with Triton norms / RoPE + KV write / SiLU-mul equals the torch ops
+    (qkv bias: qwen2; per-head q/k norms: qwen3), and so does a LongSpec draft's proposal."""
+    from lsrt.runtime.spec.longspec import LongSpecDrafter
+    from lsrt.runtime.spec.longspec_layer import init_from_target
+
+    make_tiny_model(arch, tmp_path)
+    ids = torch.randint(0, 96, (23,), generator=torch.Generator().manual_seed(1)).tolist()
+    tree = DraftTree.from_paths(ids[-1], [[3, 4, 5], [3, 6], [7]])
+    outs = {}
+    for ops in ("torch", "triton"):
+        model = load_model(tmp_path, device=DEVICE)
+        runner = ModelRunner(model, RunnerConfig(elementwise=ops, kv_budget_mb=4, block_size=4,
+                                                 prefill_chunk=8, device=DEVICE))
+        assert model.ops.name == ops
+        seq = runner.new_sequence()
+        first = runner.prefill(seq, ids[:-1], want_logits=True)
+        logits = runner.verify(seq, tree)
+        runner.commit(seq, tree.path_to(2))
+        drafter = LongSpecDrafter(runner, init_from_target(model), widths=(2, 2, 1),
+                                  use_graphs=False)
+        history = ids + [tree.tokens[1], tree.tokens[2], 9]  # the bonus token pending
+        drafter.observe(history)
+        drafter.bind(seq)
+        proposal = drafter.propose(history, 8)
+        outs[ops] = (first, logits, proposal.tokens, proposal.parents)
+    for a, b in zip(outs["torch"][:2], outs["triton"][:2]):
+        assert (a - b).abs().max() < 1e-4
+    assert outs["torch"][2:] == outs["triton"][2:]
