@@ -29,15 +29,24 @@ CROSS_START_BYTES = 64 << 20
 # proposal (its graph on CUDA); a longer catch-up (the first proposal, or after a stretch the
 # drafter did not draft) runs eagerly first.
 ENCODE_PAD = 8
-DEFAULT_WIDTHS = (2, 2, 2, 2, 2, 2)  # nodes added per depth: 13 nodes, depth 6 (fits the
-# engine's 16-node budget; on an H100 with SmolLM2 it accepted 3.20 tokens/step against 2.74
-# for a depth-6 chain and 2.46 for LongSpec's wide (4, 16, 16, ...) tree cut to the budget)
+# Tree shape (nodes added per depth) by node budget, when none is given: wide first levels. On
+# an H100 with SmolLM2 and the shipped draft, at 16 nodes (4, 3, 2, 2, 2, 2) accepted 3.60 /
+# 2.50 / 2.96 tokens per step (SWE-agent / mini-swe-agent / tau-bench) against 3.39 / 2.37 /
+# 2.73 for (2, 2, 2, 2, 2, 2), and at 32 nodes (6, 5, 4, 4, 4, 4, 3) 3.95 / 2.70 / 3.24, at
+# about the same cost per step (docs/BENCHMARKS.md, "Issue 8, round 4").
+DEFAULT_WIDTHS = {8: (4, 3), 16: (4, 3, 2, 2, 2, 2), 32: (6, 5, 4, 4, 4, 4, 3)}
 
 
+def default_widths(max_nodes: int) -> tuple[int, ...]:
+    """The default shape for a budget of `max_nodes` nodes (that of the largest tabled budget
+    within it; the smallest one, cut to fit, below that)."""
+    fits = [b for b in DEFAULT_WIDTHS if b <= max_nodes]
+    return DEFAULT_WIDTHS[max(fits) if fits else min(DEFAULT_WIDTHS)]
 
 
 class LongSpecDrafter:
-    """Drafter protocol over a LongSpecDraft: a top-k tree, `widths[d]` nodes at depth d + 1.
+    """Drafter protocol over a LongSpecDraft: a top-k tree, `widths[d]` nodes at depth d + 1
+    (None: `default_widths` of each proposal's node budget).
 
     Deterministic (draft_probs None), so the sampling verifier stays exact. Its own cache keeps
     `sink` positions plus a ring of the last `window` (slot of p >= sink: sink + (p - sink) %
@@ -47,16 +56,17 @@ class LongSpecDrafter:
     name = "longspec"
 
     def __init__(self, runner: ModelRunner, draft: LongSpecDraft, *,
-                 widths: tuple[int, ...] = DEFAULT_WIDTHS, use_graphs: bool | None = None,
+                 widths: tuple[int, ...] | None = None, use_graphs: bool | None = None,
                  cross_start: int | None = None) -> None:
-        if not widths or any(w < 1 for w in widths):
+        if widths is not None and (not widths or any(w < 1 for w in widths)):
             raise ValueError(f"longspec widths must be positive, got {widths}")
         if draft.cfg.hidden_size != runner.cfg.hidden_size or \
                 draft.cfg.head_dim != runner.cfg.head_dim:
             raise ValueError("longspec draft was built for another target")
         self.runner, self.target = runner, runner.model
         self.draft = draft.to(device=runner.model.device, dtype=runner.model.dtype).eval()
-        self.widths = tuple(widths)
+        self.draft.ops = runner.model.ops  # Triton norms / RoPE / SiLU-mul where the target has
+        self.widths = tuple(widths) if widths is not None else None
         ids = draft.vocab_ids
         # The head rows drafts are drawn from (all, or the draft vocabulary's), and their ids.
         self.head = (runner.model.lm_head if ids is None
@@ -208,7 +218,8 @@ class LongSpecDrafter:
 
     def _budget(self, root: int, max_nodes: int) -> list[int]:
         left, out = max_nodes - 1, []
-        for w in self.widths[:max(0, self.runner.cfg.context_limit - root - 1)]:
+        widths = self.widths or default_widths(max_nodes)
+        for w in widths[:max(0, self.runner.cfg.context_limit - root - 1)]:
             if left <= 0:
                 break
             out.append(min(w, left))
@@ -366,7 +377,7 @@ class LongSpecDrafter:
 
 
 def make_longspec_drafter(runner: ModelRunner, path: str | Path | None = None, *,
-                          widths: tuple[int, ...] = DEFAULT_WIDTHS) -> LongSpecDrafter:
+                          widths: tuple[int, ...] | None = None) -> LongSpecDrafter:
     """`longspec`: the shipped draft trained for this target (`runtime/drafts/`, matched by
     weights), else a draft initialised from the target's last layer (untrained, still lossless);
     `longspec:DIR` (a `save_draft` directory) or `longspec:PATH` (a published checkpoint)."""

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from lsrt.runtime.llm import LLM
 from lsrt.runtime.runner import RunnerConfig
 from lsrt.runtime.sampling import SamplingParams
-from lsrt.runtime.spec.longspec import ENCODE_PAD, LongSpecDrafter, make_longspec_drafter
+from lsrt.runtime.spec.longspec import (ENCODE_PAD, LongSpecDrafter, default_widths,
+                                        make_longspec_drafter)
 from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
 from lsrt.runtime.spec.longspec_ckpt import load_longspec_checkpoint
 from lsrt.sessions.blob import decode_draft_blob, encode_draft_blob
@@ -78,6 +79,33 @@ def test_tree_shape_and_budget(tiny):
         chain.bind(seq)
         assert chain.propose(ids, 8).tokens[1] == tree.tokens[1]
         assert len(set(zip(tree.parents, tree.tokens))) == len(tree)  # no duplicate children
+    finally:
+        seq.release()
+
+
+def test_default_shape_follows_the_budget(tiny):
+    """Without widths, each proposal takes the tabled shape of its node budget (auto's model arm
+    drafts with half of the engine's budget), cut where a budget falls between two."""
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 40, seed=4)
+    seq = tiny.runner.new_sequence()
+    try:
+        tiny.runner.prefill(seq, ids[:-1])
+        d = drafter_for(tiny, None)
+        d.observe(ids)
+        d.bind(seq)
+        for budget in (32, 16, 8, 12, 5):
+            want = list(default_widths(budget))
+            tree = d.propose(ids, budget)
+            widths = [tree.depth.count(k) for k in range(1, max(tree.depth) + 1)]
+            left, cut = budget - 1, []
+            for w in want:
+                if left > 0:
+                    cut.append(min(w, left))
+                    left -= cut[-1]
+            assert widths == cut, budget
+        assert default_widths(32) == (6, 5, 4, 4, 4, 4, 3)
+        assert default_widths(12) == default_widths(8) == (4, 3)
+        assert default_widths(5) == (4, 3)  # cut to (4,) by the budget
     finally:
         seq.release()
 
