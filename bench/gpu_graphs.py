@@ -1,6 +1,7 @@
 """Decode / verify step latency with and without CUDA graphs, random weights with real shapes.
 
     python bench/gpu_graphs.py [--models smollm2 llama3-8b] [--repeats 20] [--out FILE]
+        [--elementwise torch triton]
 
 SmolLM2-135M shape: plain decode step (1 token) at 2K and 6K context, eager vs graphs, and
 tokens/s of a 64-token greedy decode loop (verify + argmax + commit, host work included).
@@ -8,6 +9,8 @@ Llama-3.1-8B shape: decode step and 16-node verify step at 32K and 128K, eager v
 beside the HBM floor (weight bytes + KV bytes) / measured copy bandwidth. Step times are
 wall-clock medians (host work included, synchronised after each step) after warm-up. The KV
 pool holds random values standing in for a prefilled context (latency does not depend on them).
+Each `--elementwise` choice (the decoder's norms / RoPE + KV write / SiLU-mul: torch references
+or the Triton kernels) is measured on the same weights, one after the other.
 """
 
 from __future__ import annotations
@@ -101,18 +104,31 @@ def decode_loop_tps(runner, seq, tokens: int) -> float:
     return tokens / (time.perf_counter() - t)
 
 
-def model_rows(shape: str, repeats: int, bw: float) -> list[str]:
+def model_rows(shape: str, repeats: int, bw: float, elementwise: list[str]) -> list[str]:
+    from lsrt.kernels.elementwise import get_elementwise_ops
+
+    eager = build_random_runner(shape, max_ctx=max(PLAN[shape][0]))
+    eager.pool.k.normal_(0, 1)
+    eager.pool.v.normal_(0, 1)
+    rows = []
+    for ops in elementwise:
+        eager.model.ops = get_elementwise_ops(ops, "cuda")
+        rows += ops_rows(eager, shape, repeats, bw, ops)
+    del eager
+    torch.cuda.empty_cache()
+    return rows
+
+
+def ops_rows(eager, shape: str, repeats: int, bw: float, ops: str) -> list[str]:
     from lsrt.runtime.cuda_graphs import GraphConfig, GraphRunner
     from lsrt.runtime.spec.tree import DraftTree
 
     contexts, trees, sizes = PLAN[shape]
-    eager = build_random_runner(shape, max_ctx=max(contexts))
-    eager.pool.k.normal_(0, 1)
-    eager.pool.v.normal_(0, 1)
     t0 = time.perf_counter()
     graphs = GraphRunner(eager, GraphConfig(sizes=sizes))
     capture_s = time.perf_counter() - t0
-    print(f"{shape}: captured sizes {sizes} in {capture_s:.1f} s", flush=True)
+    print(f"{shape} ({ops} elementwise): captured sizes {sizes} in {capture_s:.1f} s",
+          flush=True)
     weight_bytes = sum(p.numel() * p.element_size() for p in eager.model.parameters())
     cfg = eager.cfg
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2
@@ -132,11 +148,11 @@ def model_rows(shape: str, repeats: int, bw: float) -> list[str]:
             if n == 1 and shape == "smollm2":
                 e_tps, g_tps = decode_loop_tps(eager, seq, 64), decode_loop_tps(graphs, seq, 64)
                 extra = f" {e_tps:.1f} / {g_tps:.1f}"
-            rows.append(f"| {shape} | {ctx} | {step} | {e_ms:.2f} | {g_ms:.2f} | "
+            rows.append(f"| {shape} | {ops} | {ctx} | {step} | {e_ms:.2f} | {g_ms:.2f} | "
                         f"{e_ms / g_ms:.2f}x | {floor:.2f} | {g_ms / floor:.2f}x |{extra} |")
             print(rows[-1], flush=True)
         seq.release()
-    del graphs, eager
+    del graphs
     torch.cuda.empty_cache()
     return rows
 
@@ -146,6 +162,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(PLAN), choices=list(PLAN))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--out", default="")
+    ap.add_argument("--elementwise", nargs="+", default=["torch", "triton"],
+                    choices=["torch", "triton"])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu_graphs.py needs a CUDA device")
@@ -153,12 +171,12 @@ def main() -> None:
     bw = copy_bandwidth("cuda")
     lines = [f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, bf16, "
              f"attention triton, wall-clock median of {args.repeats}",
-             "| model | context | step | eager ms | graph ms | speedup | floor ms | "
+             "| model | elementwise | context | step | eager ms | graph ms | speedup | floor ms | "
              "graph/floor | decode loop tok/s eager / graph |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
     for shape in args.models:
-        lines += model_rows(shape, args.repeats, bw)
+        lines += model_rows(shape, args.repeats, bw, args.elementwise)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draft_specs import split_spec  # noqa: E402
+from draft_specs import split_nodes, split_spec  # noqa: E402
 from traces import TRACES_DIR, ReplayTurn, advance, load_traces, replay_turns  # noqa: E402
 
 HF_KINDS = ("plain", "lookup", "assisted")
@@ -57,6 +57,7 @@ class Tally:
     prefill_tokens: int = 0
     prefill_s: float = 0.0
     modes: dict[str, int] = field(default_factory=dict)
+    situations: dict[str, list[float]] = field(default_factory=dict)  # auto: steps, tokens, s
 
     @property
     def tps(self) -> float:
@@ -71,6 +72,7 @@ class LsrtRun:
 
         self.llm, self.spec = llm, spec
         self.seq = llm.runner.new_sequence()
+        spec, self.tree_nodes = split_nodes(spec)
         draft, options = split_spec(spec)
         self.drafter = make_drafter(draft, llm, options)
         self.history: list[int] = []
@@ -91,7 +93,8 @@ class LsrtRun:
         params = SamplingParams(max_tokens=max_new)
         if prof is not None:
             prof.enable()
-        gen = self.llm.engine.generate(self.seq, self.history, params, drafter=self.drafter)
+        gen = self.llm.engine.generate(self.seq, self.history, params, drafter=self.drafter,
+                                       tree_nodes=self.tree_nodes)
         if prof is not None:
             prof.disable()
         tally.turns += 1
@@ -104,6 +107,12 @@ class LsrtRun:
             tally.modes[mode] = tally.modes.get(mode, 0) + n
         if hasattr(self.drafter, "mode_counts"):
             self.drafter.mode_counts = {k: 0 for k in self.drafter.mode_counts}
+        for key, row in getattr(self.drafter, "situation_stats", {}).items():
+            acc = tally.situations.setdefault(key, [0, 0, 0.0])
+            for i, x in enumerate(row):
+                acc[i] += x
+        if hasattr(self.drafter, "situation_stats"):
+            self.drafter.situation_stats = {}
         return list(gen.token_ids)
 
     def close(self) -> None:
@@ -177,6 +186,12 @@ def table(title: str, tallies: dict[str, Tally]) -> str:
     modes = [f"{n}: {t.modes}" for n, t in tallies.items() if t.modes]
     if modes:
         lines += ["", "auto mode counts (steps): " + "; ".join(modes)]
+    for name, t in tallies.items():
+        if t.situations:
+            lines += ["", f"{name} by situation/arm (steps, tokens/step, ms/step from propose "
+                          "to observe):"]
+            lines += [f"  {key}: {int(n)} steps, {tok / n:.2f} tok/step, {1e3 * s / n:.2f} ms"
+                      for key, (n, tok, s) in sorted(t.situations.items())]
     return "\n".join(lines)
 
 
@@ -225,11 +240,13 @@ def warm_up(llm, hf_models: dict, args) -> None:
     for spec in args.configs:
         seq = llm.runner.new_sequence()
         llm.runner.prefill(seq, ids[:-1])
+        spec, nodes = split_nodes(spec)
         draft, options = split_spec(spec)
         drafter = make_drafter(draft, llm, options)
         if drafter is not None:
             drafter.observe(ids)
-        llm.engine.generate(seq, list(ids), SamplingParams(max_tokens=4), drafter=drafter)
+        llm.engine.generate(seq, list(ids), SamplingParams(max_tokens=4), drafter=drafter,
+                            tree_nodes=nodes)
         seq.release()
     for kind in args.hf:
         hf_turn(hf_models["target"], kind, ids, 4, Tally(), hf_models.get("draft"))

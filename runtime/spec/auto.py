@@ -73,6 +73,8 @@ class AutoDrafter:
         self._runs: dict[str, int] = {}  # steps each arm has run (the first `warmup` uncounted)
         self._last: tuple | None = None  # (situation, arm, propose time, suffix tree)
         self.mode_counts: dict[str, int] = {"suffix": 0, "merged": 0, "model": 0, "none": 0}
+        # "situation/arm" -> [steps, tokens emitted, seconds], every step counted (for reports)
+        self.situation_stats: dict[str, list[float]] = {}
 
     def bind(self, seq) -> None:
         for d in (self.suffix, self.model):
@@ -86,9 +88,14 @@ class AutoDrafter:
         if self._last is not None:
             situation, arm, t0, suffix_tree = self._last
             self._last = None
+            seconds = self.clock() - t0
+            row = self.situation_stats.setdefault(f"{situation}/{arm}", [0, 0, 0.0])
+            row[0] += 1
+            row[1] += len(tokens)
+            row[2] += seconds
             self._runs[arm] = self._runs.get(arm, 0) + 1
             if self._runs[arm] > self.warmup:
-                self._record(situation, arm, self.clock() - t0, tokens, suffix_tree)
+                self._record(situation, arm, seconds, tokens, suffix_tree)
         self._explored = None
 
     def _record(self, situation: str, arm: str, seconds: float, tokens: list[int],

@@ -62,10 +62,11 @@ class Engine:
         self.max_tree_nodes = max_tree_nodes
 
     def step(self, seq: KVSequence, history: list[int], drafter: Drafter | None,
-             params: SamplingParams, gen: torch.Generator | None, max_depth: int
-             ) -> tuple[list[int], int]:
+             params: SamplingParams, gen: torch.Generator | None, max_depth: int,
+             tree_nodes: int | None = None) -> tuple[list[int], int]:
         """One speculative step; returns (emitted tokens, number of drafted nodes)."""
-        tree = drafter.propose(history, self.max_tree_nodes) if drafter else None
+        nodes = tree_nodes or self.max_tree_nodes
+        tree = drafter.propose(history, nodes) if drafter else None
         if tree is None or len(tree) == 1:
             tree = DraftTree.chain(history[-1], [])
         # Never verify past the context limit: the tree needs one slot per node.
@@ -79,8 +80,10 @@ class Engine:
     def generate(self, seq: KVSequence, history: list[int], params: SamplingParams, *,
                  drafter: Drafter | None = None,
                  on_text: Callable[[str, list[int]], None] | None = None,
-                 cancel: threading.Event | None = None) -> Generation:
-        """Generate after `history` (extended in place with what is emitted).
+                 cancel: threading.Event | None = None,
+                 tree_nodes: int | None = None) -> Generation:
+        """Generate after `history` (extended in place with what is emitted); draft trees
+        have at most `tree_nodes` nodes (default: the engine's `max_tree_nodes`).
 
         Precondition: `seq.num_tokens == len(history) - 1`. On return the same holds for the
         extended history. Raises `Cancelled` when `cancel` is set (the caller rolls back).
@@ -99,7 +102,8 @@ class Engine:
             if seq.num_tokens >= self.runner.cfg.context_limit:
                 stopper.finish_reason = "length"  # the context is full: stop, don't fail
                 break
-            emitted, drafted = self.step(seq, history, drafter, params, gen, remaining - 1)
+            emitted, drafted = self.step(seq, history, drafter, params, gen, remaining - 1,
+                                         tree_nodes)
             stats.steps += 1
             stats.drafted_tokens += drafted
             stats.accepted_tokens += len(emitted) - 1
