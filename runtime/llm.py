@@ -59,6 +59,9 @@ class LLM:
             self.runner = GraphRunner(self.runner, GraphConfig(sizes=self.config.graph_sizes))
         self.engine = Engine(self.runner, self.tokenizer, self.eos_ids)
         self._draft_models: dict[str, DecoderModel] = {}
+        # LongSpec drafts by path, with their buffers and CUDA graphs, shared by every session's
+        # drafter (runtime/spec/longspec_workspace.py)
+        self.longspec_workspaces: dict = {}
 
     @classmethod
     def load(cls, model: str, config: RunnerConfig | None = None, *,

@@ -88,7 +88,8 @@ def _longspec_drafter(path: str, llm: "LLM", opts: DraftOptions) -> Drafter:
     from lsrt.runtime.spec.longspec import make_longspec_drafter
 
     extra = {"widths": opts.widths} if opts.widths else {}
-    return make_longspec_drafter(llm.runner, path or None, **extra)
+    return make_longspec_drafter(llm.runner, path or None, workspaces=llm.longspec_workspaces,
+                                 **extra)
 
 
 def _model_drafter(name: str, llm: "LLM", opts: DraftOptions) -> Drafter:

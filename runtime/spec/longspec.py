@@ -17,18 +17,12 @@ from lsrt.runtime.spec.drafter import DraftState
 from lsrt.runtime.spec.longspec_ckpt import (find_bundled_draft, is_own_checkpoint, load_draft,
                                              load_longspec_checkpoint)
 from lsrt.runtime.spec.longspec_layer import POSITIONS, LongSpecDraft, init_from_target
+from lsrt.runtime.spec.longspec_workspace import ENCODE_PAD, LongSpecWorkspace
 from lsrt.runtime.spec.tree import DraftTree
 
 # On CUDA a proposal shape is captured in a graph on its 3rd use: a drafter that lives for a
 # few steps only (a short stateless request) does not pay the capture.
 EAGER_BEFORE_CAPTURE = 2
-# The cross buffer (the target's last-layer K/V) starts this large, capped at the context limit:
-# every growth re-captures the drafter's graphs, and SmolLM2's whole 8K context is 6 MB.
-CROSS_START_BYTES = 64 << 20
-# Up to this many newly accepted tokens are encoded into the draft's own ring inside the
-# proposal (its graph on CUDA); a longer catch-up (the first proposal, or after a stretch the
-# drafter did not draft) runs eagerly first.
-ENCODE_PAD = 8
 # Tree shape (nodes added per depth) by node budget, when none is given: wide first levels. On
 # an H100 with SmolLM2 and the shipped draft, at 16 nodes (4, 3, 2, 2, 2, 2) accepted 3.60 /
 # 2.50 / 2.96 tokens per step (SWE-agent / mini-swe-agent / tau-bench) against 3.39 / 2.37 /
@@ -44,6 +38,11 @@ def default_widths(max_nodes: int) -> tuple[int, ...]:
     return DEFAULT_WIDTHS[max(fits) if fits else min(DEFAULT_WIDTHS)]
 
 
+def _shared(name: str) -> property:
+    return property(lambda self: getattr(self.ws, name),
+                    lambda self, value: setattr(self.ws, name, value))
+
+
 class LongSpecDrafter:
     """Drafter protocol over a LongSpecDraft: a top-k tree, `widths[d]` nodes at depth d + 1
     (None: `default_widths` of each proposal's node budget).
@@ -55,59 +54,51 @@ class LongSpecDrafter:
 
     name = "longspec"
 
-    def __init__(self, runner: ModelRunner, draft: LongSpecDraft, *,
+    def __init__(self, runner: ModelRunner, draft: LongSpecDraft | None = None, *,
                  widths: tuple[int, ...] | None = None, use_graphs: bool | None = None,
-                 cross_start: int | None = None) -> None:
+                 cross_start: int | None = None,
+                 workspace: LongSpecWorkspace | None = None) -> None:
         if widths is not None and (not widths or any(w < 1 for w in widths)):
             raise ValueError(f"longspec widths must be positive, got {widths}")
-        if draft.cfg.hidden_size != runner.cfg.hidden_size or \
-                draft.cfg.head_dim != runner.cfg.head_dim:
-            raise ValueError("longspec draft was built for another target")
+        if workspace is None:
+            if draft is None:
+                raise ValueError("LongSpecDrafter needs a draft or a workspace")
+            if draft.cfg.hidden_size != runner.cfg.hidden_size or \
+                    draft.cfg.head_dim != runner.cfg.head_dim:
+                raise ValueError("longspec draft was built for another target")
+            workspace = LongSpecWorkspace(runner, draft, cross_start)
+        self.ws = workspace  # draft weights, device buffers and graphs (maybe shared)
         self.runner, self.target = runner, runner.model
-        self.draft = draft.to(device=runner.model.device, dtype=runner.model.dtype).eval()
-        self.draft.ops = runner.model.ops  # Triton norms / RoPE / SiLU-mul where the target has
         self.widths = tuple(widths) if widths is not None else None
-        ids = draft.vocab_ids
-        # The head rows drafts are drawn from (all, or the draft vocabulary's), and their ids.
-        self.head = (runner.model.lm_head if ids is None
-                     else runner.model.lm_head[ids.to(runner.model.device)].contiguous())
-        self.head_ids_t = None if ids is None else ids.to(runner.model.device)
-        self.sink, self.window = draft.lcfg.sink, draft.lcfg.window
-        cfg = runner.cfg
-        # The ring: sink + window slots, and one scratch slot (never visible) that padded rows
-        # of an in-graph encode write to.
-        self.scratch = self.sink + self.window
-        shape = (cfg.num_kv_heads, self.scratch + 1, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=runner.model.dtype, device=runner.model.device)
-        self.v = torch.zeros_like(self.k)
+        self.sink, self.window, self.scratch = workspace.sink, workspace.window, workspace.scratch
         self.history: list[int] = []
         self.done = 0  # positions [0, done) encoded: sinks and ring [max(sink, floor), done)
         self.floor = 0
         self.seq: KVSequence | None = None
+        self.saved_ring: tuple | None = None  # own cache while another drafter owns `ws`
         dev = runner.model.device
-        # The position each own-cache slot holds (-1: none); validity is computed from it on
-        # the device, so a proposal reads the whole ring at a fixed shape.
-        self.slot_pos = torch.full((self.scratch + 1,), -1, dtype=torch.long, device=dev)
-        # The target's last-layer K/V of committed positions, copied as they commit into a
-        # buffer of fixed capacity (doubling when outgrown): fixed shapes again.
-        per_position = 2 * cfg.num_kv_heads * cfg.head_dim * self.k.element_size()
-        self.cross_start = cross_start or max(1024, CROSS_START_BYTES // per_position)
-        self.xk: torch.Tensor | None = None
-        self.xv: torch.Tensor | None = None
-        self.x_len = 0  # positions [0, x_len) of xk/xv are current
-        # What a proposal reads from the host, staged in one copy: root, lo, committed, the
-        # root token, then ENCODE_PAD token ids and positions to encode (position -1: none).
-        self._stage = torch.zeros(4 + 2 * ENCODE_PAD, dtype=torch.long, device=dev)
-        self._stage_host = torch.zeros(self._stage.shape, dtype=torch.long,
-                                       pin_memory=dev.type == "cuda")
-        self._scalars, self._root_token = self._stage[:3], self._stage[3:4]
-        self._enc_ids = self._stage[4:4 + ENCODE_PAD]
-        self._enc_pos = self._stage[4 + ENCODE_PAD:]
-        self.draft.inv_freq = self.draft.inv_freq.to(dev)  # no host copies inside a graph
         self.use_graphs = dev.type == "cuda" if use_graphs is None else use_graphs
-        self._graphs: dict[tuple, tuple] = {}  # (level sizes, capacity) -> graph, outputs
-        self._uses: dict[tuple, int] = {}  # proposals per key (short runs stay eager)
-        self._mempool = None
+
+    # The workspace's state, read and written as the drafter's own (it owns `ws` while it runs).
+    draft = _shared("draft")
+    head = _shared("head")
+    head_ids_t = _shared("head_ids_t")
+    k = _shared("k")
+    v = _shared("v")
+    slot_pos = _shared("slot_pos")
+    cross_start = _shared("cross_start")
+    xk = _shared("xk")
+    xv = _shared("xv")
+    x_len = _shared("x_len")
+    _stage = _shared("_stage")
+    _stage_host = _shared("_stage_host")
+    _scalars = _shared("_scalars")
+    _root_token = _shared("_root_token")
+    _enc_ids = _shared("_enc_ids")
+    _enc_pos = _shared("_enc_pos")
+    _graphs = _shared("_graphs")
+    _uses = _shared("_uses")
+    _mempool = _shared("_mempool")
 
     @property
     def head_ids(self) -> list[int] | None:
@@ -230,6 +221,11 @@ class LongSpecDrafter:
     def propose(self, history: list[int], max_nodes: int) -> DraftTree | None:
         if self.seq is None:
             raise RuntimeError("LongSpecDrafter.propose before bind(seq)")
+        with self.ws.lock:
+            self.ws.acquire(self)
+            return self._propose(history, max_nodes)
+
+    def _propose(self, history: list[int], max_nodes: int) -> DraftTree | None:
         if len(history) != len(self.history):  # the engine did not tell us: follow the history
             self.rollback(min(len(history), len(self.history)))
             self.history = list(history)
@@ -332,10 +328,15 @@ class LongSpecDrafter:
 
     # -- persistence --------------------------------------------------------------------
     def export_state(self) -> DraftState | None:
-        from lsrt.sessions.blob import tensor_to_entry
-
         if self.done == 0:
             return None
+        with self.ws.lock:
+            self.ws.acquire(self)
+            return self._export_state()
+
+    def _export_state(self) -> DraftState:
+        from lsrt.sessions.blob import tensor_to_entry
+
         positions = self.visible(self.done)
         idx = torch.tensor([self.slot(p) for p in positions], device=self.k.device)
         return DraftState(
@@ -349,6 +350,11 @@ class LongSpecDrafter:
 
     def import_state(self, state: DraftState) -> None:
         """Load an exported cache; `ValueError` when it was made under another convention."""
+        with self.ws.lock:
+            self.ws.acquire(self)
+            self._import_state(state)
+
+    def _import_state(self, state: DraftState) -> None:
         from lsrt.sessions.blob import entry_to_tensor
 
         h = state.header
@@ -377,16 +383,25 @@ class LongSpecDrafter:
 
 
 def make_longspec_drafter(runner: ModelRunner, path: str | Path | None = None, *,
-                          widths: tuple[int, ...] | None = None) -> LongSpecDrafter:
+                          widths: tuple[int, ...] | None = None,
+                          workspaces: dict | None = None) -> LongSpecDrafter:
     """`longspec`: the shipped draft trained for this target (`runtime/drafts/`, matched by
     weights), else a draft initialised from the target's last layer (untrained, still lossless);
-    `longspec:DIR` (a `save_draft` directory) or `longspec:PATH` (a published checkpoint)."""
+    `longspec:DIR` (a `save_draft` directory) or `longspec:PATH` (a published checkpoint).
+    Drafters made with the same `workspaces` dict (one per runner) share the loaded draft and
+    its graphs (`longspec_workspace`)."""
     if path is None:
         path = find_bundled_draft(runner.model)
+    key = str(Path(path).resolve()) if path is not None else "untrained"
+    if workspaces is not None and key in workspaces:
+        return LongSpecDrafter(runner, widths=widths, workspace=workspaces[key])
     if path is None:
         draft = init_from_target(runner.model)
     elif is_own_checkpoint(path):
         draft = load_draft(path, runner.cfg)
     else:
         draft = load_longspec_checkpoint(path, runner.cfg)
-    return LongSpecDrafter(runner, draft, widths=widths)
+    drafter = LongSpecDrafter(runner, draft, widths=widths)
+    if workspaces is not None:
+        workspaces[key] = drafter.ws
+    return drafter

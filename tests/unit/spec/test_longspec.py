@@ -342,7 +342,7 @@ def test_staged_encode_equals_eager_catch_up(smollm2_dir, tmp_path):
     seq = llm.runner.new_sequence()
     try:
         llm.runner.prefill(seq, ids[:200])
-        live = drafter_for(llm, (2, 2, 2), seed=2)
+        live = drafter_for(llm, (2, 2, 2), seed=2, window=64)  # window > ENCODE_PAD
         live.bind(seq)
         live.observe(ids[:201])
         live.propose(ids[:201], 16)  # the first catch-up is eager
@@ -354,7 +354,7 @@ def test_staged_encode_equals_eager_catch_up(smollm2_dir, tmp_path):
             staged = live._staged_catch_up(n - 1)
             assert (staged is not None) == (step <= ENCODE_PAD)
             got = live.propose(ids[:n], 16)
-            fresh = drafter_for(llm, (2, 2, 2), seed=2)
+            fresh = drafter_for(llm, (2, 2, 2), seed=2, window=64)
             fresh.bind(seq)
             fresh.observe(ids[:n])
             want = fresh.propose(ids[:n], 16)
@@ -367,3 +367,51 @@ def test_staged_encode_equals_eager_catch_up(smollm2_dir, tmp_path):
             assert int(live.slot_pos[live.scratch]) == -1  # the scratch slot is never visible
     finally:
         seq.release()
+
+
+def test_drafters_sharing_a_workspace_match_private_ones(tiny):
+    """Two sessions' drafters made through one `workspaces` dict share the draft, buffers and
+    graphs; taking turns (proposals, catch-ups short and long, a rollback, exports) each one
+    proposes exactly what a drafter with a private workspace proposes on its sequence."""
+    vocab = tiny.runner.cfg.vocab_size
+    shared_ws: dict = {}
+    runs = []
+    for seed, length in ((1, 60), (2, 45)):
+        ids = repetitive_prompt(vocab, length, seed=seed)
+        seq = tiny.runner.new_sequence()
+        tiny.runner.prefill(seq, ids[:-1])
+        pair = (make_longspec_drafter(tiny.runner, workspaces=shared_ws),
+                make_longspec_drafter(tiny.runner))
+        for d in pair:
+            d.bind(seq)
+            d.observe(ids)
+        runs.append((seq, list(ids), pair))
+    (_, _, (a, a_private)), (_, _, (b, b_private)) = runs
+    assert a.ws is b.ws and len(shared_ws) == 1 and a_private.ws is not a.ws
+    gen = torch.Generator().manual_seed(0)
+    try:
+        for grow in (0, 3, 1, 40, 2):  # 40 > ENCODE_PAD: an eager catch-up
+            for seq, history, (shared, private) in runs:
+                if grow:
+                    new = torch.randint(0, vocab, (grow,), generator=gen).tolist()
+                    tiny.runner.prefill(seq, [history[-1]] + new[:-1])
+                    history += new
+                    shared.observe(new)
+                    private.observe(new)
+                got, want = shared.propose(history, 16), private.propose(history, 16)
+                assert (got.tokens, got.parents) == (want.tokens, want.parents), grow
+        seq, history, (shared, private) = runs[0]
+        seq.truncate(len(history) - 3)  # a rolled-back turn
+        del history[len(history) - 2:]
+        for d in (shared, private):
+            d.rollback(len(history))
+        got, want = shared.propose(history, 16), private.propose(history, 16)
+        assert (got.tokens, got.parents) == (want.tokens, want.parents)
+        b.propose(runs[1][1], 16)  # b owns the workspace: a's export reads a's saved ring
+        ea, eb = a.export_state(), a_private.export_state()
+        assert ea.header == eb.header
+        for key in ("k", "v"):
+            assert ea.tensors[key] == eb.tensors[key]
+    finally:
+        for seq, _, _ in runs:
+            seq.release()
