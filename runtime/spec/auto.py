@@ -151,8 +151,10 @@ class AutoDrafter:
         if self.model is None or len(arms) == 1:
             return arms[0] if situation != "miss" else "none"
         self._steps[situation] += 1
-        if any(self._rate(situation, arm) is None for arm in arms):  # gather data: least-run arm
-            return min(arms, key=lambda arm: self._runs.get(arm, 0))
+        unrated = [arm for arm in arms if self._rate(situation, arm) is None]
+        if unrated:  # gather data: an arm not yet measured here (the least-run of them; an
+            # arm's runs in other situations, e.g. suffix after long matches, rate nothing here)
+            return min(unrated, key=lambda arm: self._runs.get(arm, 0))
         best = self._best(situation)
         if self._steps[situation] % self.explore_every[situation] == 0:
             self._explored = arms[1] if best == arms[0] else arms[0]
