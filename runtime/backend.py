@@ -14,14 +14,9 @@ from lsrt.runtime.session_manager import SessionManager
 from lsrt.sessions.embedded import open_store
 
 
-def default_draft(model: str, device: str = "cpu") -> str:
-    """The session drafter when none is asked for. On a CPU: `auto`, suffix matching plus a
-    drafter that keeps a constant-size cache (the 0.5B model for the Qwen 1.5B target, the
-    shipped LongSpec draft or `self` otherwise). On a GPU: `suffix` alone, which was the fastest
-    on every agent-trace set on an H100 (a SmolLM2 draft proposal costs about a target step
-    there, so `auto` only breaks even where it drafts: docs/BENCHMARKS.md, "Issue 8, round 4")."""
-    if str(device).startswith("cuda"):
-        return "suffix"
+def default_draft(model: str) -> str:
+    """The session drafter when none is asked for: suffix matching plus a drafter that keeps a
+    constant-size cache — the 0.5B model for the Qwen 1.5B target, `self` otherwise."""
     if model == "qwen2.5-coder-1.5b":
         return "auto:qwen2.5-coder-0.5b"
     return "auto"
@@ -43,7 +38,7 @@ def build_backend(*, model: str = "smollm2-135m", device: str = "cpu", dtype: st
     llm = LLM.load(model, RunnerConfig(**fields), progress=progress)
     store, closer = open_store(redis_url, Path(data_dir) if data_dir is not None else None)
     try:
-        manager = SessionManager(llm, store, default_draft=draft or default_draft(model, device))
+        manager = SessionManager(llm, store, default_draft=draft or default_draft(model))
     except BaseException:
         closer()
         raise
