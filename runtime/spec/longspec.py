@@ -1,7 +1,8 @@
 """`longspec[:PATH]` drafter: proposes a beam tree with LongSpec's one-layer draft
 (`longspec_layer`), keeping the draft's own sink + window cache and a copy of the target's
 committed last-layer K/V; on CUDA a whole proposal replays one captured graph
-(docs/LONGSPEC.md, "Drafting on CUDA").
+(docs/LONGSPEC.md, "Drafting on CUDA"). The draft, those buffers and the graphs live in a
+`LongSpecWorkspace` that the drafters of one `LLM` share.
 """
 
 from __future__ import annotations
@@ -175,8 +176,11 @@ class LongSpecDrafter:
     def rollback(self, num_tokens: int) -> None:
         del self.history[num_tokens:]
         # History [0, num_tokens) stays; its last token may be pending (not committed), so
-        # its target K/V may be rewritten: copy from num_tokens - 1 on.
-        self.x_len = min(self.x_len, max(0, num_tokens - 1))
+        # its target K/V may be rewritten: copy from num_tokens - 1 on. (A drafter that does not
+        # own the workspace leaves it alone: taking it over marks the cross buffer stale.)
+        with self.ws.lock:
+            if self.ws.owned_by(self):
+                self.x_len = min(self.x_len, max(0, num_tokens - 1))
         if self.done > num_tokens:
             # Ring slots of [num_tokens - window, done - window) were overwritten.
             self.floor = min(max(self.floor, self.done - self.window), num_tokens)

@@ -32,6 +32,9 @@ ENCODE_PAD = 32
 
 
 class LongSpecWorkspace:
+    """The draft (on the target's device and dtype), its head rows, the own-cache ring, the cross
+    buffer, the staged host inputs and the captured graphs; owned by one drafter at a time."""
+
     def __init__(self, runner: ModelRunner, draft: LongSpecDraft,
                  cross_start: int | None = None) -> None:
         model, cfg = runner.model, runner.cfg
@@ -74,6 +77,9 @@ class LongSpecWorkspace:
         self._mempool = None
         self.lock = threading.Lock()
         self._owner: weakref.ref | None = None
+
+    def owned_by(self, drafter) -> bool:
+        return self._owner is not None and self._owner() is drafter
 
     def acquire(self, drafter) -> None:
         """Make `drafter` the owner (call with `lock` held): its own cache in the ring (saved
