@@ -232,24 +232,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def warm_up(llm, hf_models: dict, args) -> None:
-    """One short generation per engine so first-call costs are not measured."""
+    """Generations per engine before anything is timed, so first-call costs (Triton compiles,
+    CUDA graph captures: drafters of one LLM share their graphs) are not measured: a repetitive
+    prompt (long suffix matches) and a non-repetitive one (misses, where `auto` drafts)."""
     from lsrt.runtime.sampling import SamplingParams
     from lsrt.runtime.spec.drafters import make_drafter
 
-    ids = llm.tokenizer.encode("def f(x):\n    return x + 1\n\ndef f(x):\n")
+    prompts = [llm.tokenizer.encode("def f(x):\n    return x + 1\n\ndef f(x):\n"),
+               llm.tokenizer.encode("The user asked about their flight. Reply politely and "
+                                    "list the next steps:")]
     for spec in args.configs:
-        seq = llm.runner.new_sequence()
-        llm.runner.prefill(seq, ids[:-1])
         spec, nodes = split_nodes(spec)
         draft, options = split_spec(spec)
         drafter = make_drafter(draft, llm, options)
-        if drafter is not None:
-            drafter.observe(ids)
-        llm.engine.generate(seq, list(ids), SamplingParams(max_tokens=4), drafter=drafter,
-                            tree_nodes=nodes)
-        seq.release()
+        for ids in prompts:
+            seq = llm.runner.new_sequence()
+            llm.runner.prefill(seq, ids[:-1])
+            if drafter is not None:
+                drafter.rollback(0)
+                drafter.observe(ids)
+            llm.engine.generate(seq, list(ids), SamplingParams(max_tokens=24),
+                                drafter=drafter, tree_nodes=nodes)
+            seq.release()
     for kind in args.hf:
-        hf_turn(hf_models["target"], kind, ids, 4, Tally(), hf_models.get("draft"))
+        hf_turn(hf_models["target"], kind, prompts[0], 4, Tally(), hf_models.get("draft"))
 
 
 def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
