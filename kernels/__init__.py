@@ -16,12 +16,13 @@ Contract shared by every backend (layout of `lsrt.runtime.kv_cache`):
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
-
-from lsrt.runtime.errors import InvalidRequest
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +56,8 @@ def _torch_backend() -> AttentionBackend:
 
 
 def _triton_backend() -> AttentionBackend:
+    from lsrt.runtime.errors import InvalidRequest
+
     if not triton_available():
         raise InvalidRequest("the triton attention backend needs Triton and a CUDA device "
                              "(or TRITON_INTERPRET=1)")
@@ -78,7 +81,32 @@ def get_attention_backend(name: str) -> AttentionBackend:
 
         use_triton = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
         return _triton_backend() if use_triton else _torch_backend()
+    from lsrt.runtime.errors import InvalidRequest
+
     raise InvalidRequest(f"unknown attention backend {name!r}; expected torch, triton or auto")
 
+
+def _hand_over_to_the_pypi_package() -> None:
+    """Replace this module in `sys.modules` by the PyPI package `kernels`.
+
+    This folder installs as `lsrt.kernels`. It is imported as the top-level `kernels` only when a
+    checkout's root is on `sys.path` (`python -m ...` or `python -c` run from the checkout), and
+    then it shadows the PyPI package `kernels`, which transformers (>= 5.25) imports. The import
+    system returns whatever `sys.modules["kernels"]` holds once this file has run, so loading the
+    real package there hands the import over.
+    """
+    root = Path(__file__).resolve().parents[1]
+    path = [p for p in sys.path if Path(p or os.getcwd()).resolve() != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None:
+        raise ImportError("no module named 'kernels' outside this checkout (its kernels/ folder "
+                          "is lsrt.kernels)", name="kernels")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_over_to_the_pypi_package()
 
 __all__ = ["AttentionBackend", "get_attention_backend", "triton_available"]
