@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
 from lsrt.kernels.elementwise import ElementwiseOps, get_elementwise_ops
+from lsrt.kernels.linear import Linear
+from lsrt.kernels.linear.reference import linear as torch_linear
 from lsrt.runtime.attention import AttentionBackend, AttentionMeta
 from lsrt.runtime.config import ModelConfig, rope_inv_freq
 from lsrt.runtime.errors import ModelNotFound
@@ -43,20 +44,20 @@ class DecoderLayer(torch.nn.Module):
             self.k_norm = torch.nn.Parameter(torch.empty(d), requires_grad=False)
 
     def qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops: ElementwiseOps,
-            k_layer: torch.Tensor, v_layer: torch.Tensor, slots: torch.Tensor
+            lin: Linear, k_layer: torch.Tensor, v_layer: torch.Tensor, slots: torch.Tensor
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """h `[n, hidden]` (normed) -> q `[n, Hq, D]`, k/v `[n, Hkv, D]` with RoPE applied to q
         and k; k/v also written to `slots` of this layer's cache `[Hkv, slots, D]`."""
         cfg = self.cfg
-        qkv = F.linear(h, self.qkv_w, self.qkv_b)
+        qkv = lin(h, self.qkv_w, self.qkv_b)
         norms = (self.q_norm, self.k_norm) if cfg.qk_norm else None
         return ops.rope_qkv(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                             qk_norm=norms, eps=cfg.rms_norm_eps, k_cache=k_layer,
                             v_cache=v_layer, slots=slots)
 
-    def mlp(self, h: torch.Tensor, ops: ElementwiseOps) -> torch.Tensor:
+    def mlp(self, h: torch.Tensor, ops: ElementwiseOps, lin: Linear) -> torch.Tensor:
         """h `[n, hidden]` (normed) -> `[n, hidden]`."""
-        return F.linear(ops.silu_mul(F.linear(h, self.gate_up_w)), self.down_w)
+        return lin(ops.silu_mul(lin(h, self.gate_up_w)), self.down_w)
 
 
 class DecoderModel(torch.nn.Module):
@@ -75,6 +76,14 @@ class DecoderModel(torch.nn.Module):
         self.inv_freq = rope_inv_freq(cfg)  # `[D/2]`, stays float32
         # Norms, RoPE, SiLU-mul: torch references; the runner picks Triton ones on a GPU.
         self.ops: ElementwiseOps = get_elementwise_ops("torch")
+        # Projections: F.linear; the runner picks oneDNN's prepacked weights on a CPU.
+        self.linear: Linear = torch_linear
+
+    def projection_weights(self) -> list[torch.Tensor]:
+        """Every weight `self.linear` multiplies by (for backends that prepare them)."""
+        out = [w for layer in self.layers
+               for w in (layer.qkv_w, layer.o_w, layer.gate_up_w, layer.down_w)]
+        return [*out, self.lm_head]
 
     @property
     def lm_head(self) -> torch.Tensor:
@@ -102,22 +111,22 @@ class DecoderModel(torch.nn.Module):
         k_cache/v_cache: the pool, `[layers, Hkv, slots, D]`; the new K/V are written at
         `meta.write_slots` before attention reads them.
         """
-        ops, eps, layers = self.ops, self.cfg.rms_norm_eps, self.layers
+        ops, lin, eps, layers = self.ops, self.linear, self.cfg.rms_norm_eps, self.layers
         x = self.embed[input_ids]
         cos, sin = self.rope(positions)
         h = ops.rms_norm(x, layers[0].in_norm, eps)  # x: the residual stream, h: x normed
         for i, layer in enumerate(layers):
-            q, k, v = layer.qkv(h, cos, sin, ops, k_cache[i], v_cache[i], meta.write_slots)
+            q, k, v = layer.qkv(h, cos, sin, ops, lin, k_cache[i], v_cache[i], meta.write_slots)
             attn = backend.attend(q, k_cache[i], v_cache[i], k, v, meta)
-            x, h = ops.add_rms_norm(x, F.linear(attn.reshape(x.shape[0], -1), layer.o_w),
+            x, h = ops.add_rms_norm(x, lin(attn.reshape(x.shape[0], -1), layer.o_w),
                                     layer.post_norm, eps)
             after = layers[i + 1].in_norm if i + 1 < len(layers) else self.norm
-            x, h = ops.add_rms_norm(x, layer.mlp(h, ops), after, eps)
+            x, h = ops.add_rms_norm(x, layer.mlp(h, ops, lin), after, eps)
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[m, hidden]` -> logits `[m, vocab]` float32."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.linear(hidden, self.lm_head).float()
 
 
 def _hf_name_map(cfg: ModelConfig) -> dict[str, tuple[str, int | None]]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from lsrt.kernels.elementwise import get_elementwise_ops
+from lsrt.kernels.linear import get_linear, linear_name
 from lsrt.runtime.attention import AttentionBackend, AttentionMeta, make_backend
 from lsrt.runtime.config import ModelConfig
 from lsrt.runtime.errors import ContextTooLong
@@ -34,6 +35,7 @@ class RunnerConfig:
     block_size: int = 16
     attention: str = "sdpa"  # sdpa | hybrid | triton
     elementwise: str = "auto"  # norms, RoPE + KV write, SiLU-mul: torch | triton | auto (GPU)
+    linear: str = "auto"  # projections: torch | onednn (CPU, prepacked weights) | auto (CPU fp32)
     prefill_chunk: int = 512
     cuda_graphs: bool = True  # CUDA only: decode/verify replay captured graphs (cuda_graphs.py)
     graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -50,6 +52,8 @@ class RunnerConfig:
         if self.elementwise not in ("torch", "triton", "auto"):
             raise ValueError("elementwise must be torch, triton or auto, got "
                              f"{self.elementwise!r}")
+        if self.linear not in ("torch", "onednn", "auto"):
+            raise ValueError(f"linear must be torch, onednn or auto, got {self.linear!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -67,6 +71,11 @@ class ModelRunner:
             block_size=config.block_size, dtype=model.dtype, device=config.device))
         self.backend: AttentionBackend = make_backend(config.attention)
         model.ops = get_elementwise_ops(config.elementwise, config.device)
+        linear = get_linear(config.linear, config.device, model.dtype)
+        if linear_name(linear) != linear_name(model.linear):  # keep a shared model's copies
+            if hasattr(linear, "prepare"):  # reorder now: the first request should not pay it
+                linear.prepare(model.projection_weights())
+            model.linear = linear
         self.scale = self.cfg.head_dim ** -0.5
 
     def new_sequence(self) -> KVSequence:

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lsrt.runtime.kv_cache import KVSequence
 from lsrt.runtime.runner import ModelRunner
@@ -298,7 +297,7 @@ class LongSpecDrafter:
                                       cross_mask[None, :].expand(m, cap), check_empty=False)
             past_k = torch.cat([past_k, k.transpose(0, 1)], 1)
             past_v = torch.cat([past_v, v.transpose(0, 1)], 1)
-            logp = F.linear(hidden, self.head).float().log_softmax(-1)  # [m, V or K]
+            logp = self.draft.linear(hidden, self.head).float().log_softmax(-1)  # [m, V|K]
             scores, idx = (cum[t:t + m, None] + logp).flatten().topk(sizes[depth + 1])
             new = slice(t + m, t + m + sizes[depth + 1])
             par = t + torch.div(idx, vocab, rounding_mode="floor")

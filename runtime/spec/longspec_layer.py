@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from lsrt.runtime.config import ModelConfig, rope_inv_freq
 from lsrt.kernels.elementwise import ElementwiseOps, get_elementwise_ops
+from lsrt.kernels.linear import Linear
+from lsrt.kernels.linear.reference import linear as torch_linear
 from lsrt.runtime.model import DecoderModel
 
 POSITIONS = "post-rope-absolute"
@@ -99,6 +101,7 @@ class LongSpecDraft(torch.nn.Module):
         self.scale = d ** -0.5
         # Torch references (differentiable, for training); a drafter sets its target's ops.
         self.ops: ElementwiseOps = get_elementwise_ops("torch")
+        self.linear: Linear = torch_linear
 
     def set_draft_vocab(self, ids: torch.Tensor | None) -> None:
         """Draft only these token ids (`[K]`, most useful first; None: the whole vocabulary).
@@ -115,6 +118,11 @@ class LongSpecDraft(torch.nn.Module):
                 raise ValueError("draft vocabulary must be distinct ids within the vocabulary")
         self.vocab_ids = ids
 
+    def projection_weights(self) -> list[torch.Tensor]:
+        """Every own weight `self.linear` multiplies by (the head is the target's)."""
+        return [self.sa_qkv_w, self.sa_o_w, self.ca_q_w, self.ca_o_w, self.gate_up_w,
+                self.down_w]
+
     def rope(self, positions: torch.Tensor, dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions `[n]` -> cos, sin `[n, 1, D]` (the target's RoPE, same scaling)."""
@@ -126,8 +134,8 @@ class LongSpecDraft(torch.nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x `[n, H]` embeddings -> q `[n, Hq, D]`, k/v `[n, Hkv, D]` (q, k post-RoPE)."""
         cfg, ops = self.cfg, self.ops
-        qkv = F.linear(ops.rms_norm(x, self.in_norm, cfg.rms_norm_eps), self.sa_qkv_w,
-                       self.sa_qkv_b)
+        qkv = self.linear(ops.rms_norm(x, self.in_norm, cfg.rms_norm_eps), self.sa_qkv_w,
+                          self.sa_qkv_b)
         norms = (self.q_norm, self.k_norm) if cfg.qk_norm else None
         return ops.rope_qkv(qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                             qk_norm=norms, eps=cfg.rms_norm_eps)
@@ -145,20 +153,20 @@ class LongSpecDraft(torch.nn.Module):
         Every self-attention row must see its own new key (true of causal and tree masks);
         `check_empty=False` promises the same of the cross mask (no host synchronisation).
         """
-        cfg, ops, n, eps = self.cfg, self.ops, x.shape[0], self.cfg.rms_norm_eps
+        cfg, ops, lin, n, eps = self.cfg, self.ops, self.linear, x.shape[0], self.cfg.rms_norm_eps
         cos, sin = self.rope(positions, x.dtype)
         q, k, v = self.project_self(x, cos, sin)
         keys, vals = k.transpose(0, 1), v.transpose(0, 1)
         if past_k is not None:
             keys, vals = torch.cat([past_k, keys], 1), torch.cat([past_v, vals], 1)
         a = attend(q, keys, vals, self_mask, self.scale, check_empty=False)
-        x, h = ops.add_rms_norm(x, F.linear(a.reshape(n, -1), self.sa_o_w), self.ca_norm, eps)
+        x, h = ops.add_rms_norm(x, lin(a.reshape(n, -1), self.sa_o_w), self.ca_norm, eps)
         q_norm = (self.q_norm, self.q_norm) if cfg.qk_norm else None
-        cq, _, _ = ops.rope_qkv(F.linear(h, self.ca_q_w, self.ca_q_b), cos, sin, cfg.num_heads,
+        cq, _, _ = ops.rope_qkv(lin(h, self.ca_q_w, self.ca_q_b), cos, sin, cfg.num_heads,
                                 0, cfg.head_dim, qk_norm=q_norm, eps=eps)
         a = attend(cq, cross_k, cross_v, cross_mask, self.scale, check_empty)
-        x, h = ops.add_rms_norm(x, F.linear(a.reshape(n, -1), self.ca_o_w), self.mlp_norm, eps)
-        m = F.linear(ops.silu_mul(F.linear(h, self.gate_up_w)), self.down_w)
+        x, h = ops.add_rms_norm(x, lin(a.reshape(n, -1), self.ca_o_w), self.mlp_norm, eps)
+        m = lin(ops.silu_mul(lin(h, self.gate_up_w)), self.down_w)
         if self.final_norm is not None:
             return ops.add_rms_norm(x, m, self.final_norm, eps)[1], k, v
         return x + m, k, v

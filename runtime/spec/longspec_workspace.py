@@ -41,12 +41,15 @@ class LongSpecWorkspace:
         dev, dtype = model.device, model.dtype
         self.draft = draft.to(device=dev, dtype=dtype).eval()
         self.draft.ops = model.ops  # Triton norms / RoPE / SiLU-mul where the target has them
+        self.draft.linear = model.linear  # oneDNN's prepacked weights where the target has them
         self.draft.inv_freq = self.draft.inv_freq.to(dev)  # no host copies inside a graph
         ids = draft.vocab_ids
         # The head rows drafts are drawn from (all, or the draft vocabulary's), and their ids.
         self.head = (model.lm_head if ids is None
                      else model.lm_head[ids.to(dev)].contiguous())
         self.head_ids_t = None if ids is None else ids.to(dev)
+        if hasattr(model.linear, "prepare"):
+            model.linear.prepare([*self.draft.projection_weights(), self.head])
         self.sink, self.window = draft.lcfg.sink, draft.lcfg.window
         # The ring: sink + window slots, and one scratch slot (never visible) that padded rows
         # of an in-graph encode write to.

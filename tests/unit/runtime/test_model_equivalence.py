@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lsrt.kernels.linear import linear_name, onednn_available
 from lsrt.runtime.model import load_model
 from lsrt.runtime.runner import ModelRunner, RunnerConfig
 from lsrt.runtime.spec.tree import DraftTree
@@ -26,10 +27,12 @@ def hf_logits(hf, ids: list[int]) -> torch.Tensor:
         return hf(torch.tensor([ids])).logits[0].float()
 
 
-def runner_for(path, attention="sdpa", chunk=4, budget_mb=8, block_size=4) -> ModelRunner:
+def runner_for(path, attention="sdpa", chunk=4, budget_mb=8, block_size=4,
+               linear="auto") -> ModelRunner:
     model = load_model(path)
     return ModelRunner(model, RunnerConfig(attention=attention, prefill_chunk=chunk,
-                                           kv_budget_mb=budget_mb, block_size=block_size))
+                                           kv_budget_mb=budget_mb, block_size=block_size,
+                                           linear=linear))
 
 
 def decode(runner, seq, token) -> torch.Tensor:
@@ -38,13 +41,17 @@ def decode(runner, seq, token) -> torch.Tensor:
     return logits[0]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "hybrid"])
-def test_pieces_and_decode_match_transformers(pair, attention):
+@pytest.mark.parametrize("attention,linear", [("sdpa", "torch"), ("sdpa", "onednn"),
+                                              ("hybrid", "auto")])
+def test_pieces_and_decode_match_transformers(pair, attention, linear):
+    if linear == "onednn" and not onednn_available():
+        pytest.skip("this torch build has no oneDNN")
     hf, path = pair
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 96, (40,), generator=g).tolist()
     ref = hf_logits(hf, ids)
-    runner = runner_for(path, attention)
+    runner = runner_for(path, attention, linear=linear)
+    assert linear == "auto" or linear_name(runner.model.linear) == linear
     seq = runner.new_sequence()
     # Three prefill pieces (multi-chunk each: chunk=4) with decode steps between them.
     pos = 0
