@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from lsrt.kernels.attention.triton_tree import (
-    _LOG2E, _attend_new, _attend_prefix, _load_rows, _num_sms, _store_partial,
-    _tree_reduce_kernel)
+    _LOG2E, _attend_new, _attend_prefix, _load_rows, _num_sms, _program_ids, _store_partial,
+    _tree_reduce_kernel, grid_of)
 from lsrt.runtime.errors import InvalidRequest
 
 
@@ -39,6 +39,7 @@ class GraphAttentionConfig:
     waves: int = 2
     num_warps: int = 4
     num_stages: int = 2
+    rows_first: bool = True         # grid order, see `triton_tree`
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -60,9 +61,11 @@ def _graph_partial_kernel(
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
+    ROWS_FIRST: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    rows, qi, row_ok, q = _load_rows(q_ptr, n_q, stride_qn, stride_qh, GROUP, HEAD_DIM, BLOCK_M)
+    kvh, split, row_tile = _program_ids(ROWS_FIRST)
+    rows, qi, row_ok, q = _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh, GROUP,
+                                     HEAD_DIM, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -72,15 +75,15 @@ def _graph_partial_kernel(
         split_len = tl.maximum(per_split, MIN_SPLIT)
         start = split * split_len
         end = tl.minimum(start + split_len, prefix_len)  # <= start: an empty partial
-        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_ptr, start, end,
-                                       qk_scale, stride_kch, stride_kcs, stride_vch, stride_vcs,
-                                       HEAD_DIM, BLOCK_N, PAGE, IS_FP32)
+        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
+                                       end, qk_scale, stride_kch, stride_kcs, stride_vch,
+                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32)
     else:  # the tree: n_q new keys under the mask
-        m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
+        m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
                                     n_q, n_q, 0, qk_scale, stride_knn, stride_knh, stride_vnn,
                                     stride_vnh, stride_mask, HEAD_DIM, BLOCK_N, False, IS_FP32)
-    _store_partial(po_ptr, pl_ptr, rows, row_ok, m_i, l_i, acc, stride_po_s, stride_po_h,
-                   stride_pl_s, stride_pl_h, HEAD_DIM)
+    _store_partial(po_ptr, pl_ptr, kvh, split, rows, row_ok, m_i, l_i, acc, stride_po_s,
+                   stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM)
 
 
 def plan(cfg: GraphAttentionConfig, n_q: int, group: int, hkv: int, max_prefix: int,
@@ -152,7 +155,7 @@ def paged_hybrid_attention_graph(
     part_out = torch.empty(num_prefix + 1, hkv, rows, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_prefix + 1, hkv, rows, dtype=torch.float32, device=q.device)
     mask_t = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    _graph_partial_kernel[(hkv, num_prefix + 1, row_tiles)](
+    _graph_partial_kernel[grid_of(row_tiles, hkv, num_prefix + 1, cfg.rows_first)](
         q, k_cache_layer, v_cache_layer, block_table, prefix_len, k_new, v_new, mask_t,
         part_out, part_lse, n, num_prefix, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache_layer.stride(0), k_cache_layer.stride(1),
@@ -161,7 +164,8 @@ def paged_hybrid_attention_graph(
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         MIN_SPLIT=cfg.min_split_tiles * cfg.block_n, PAGE=block_size,
-        IS_FP32=q.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        IS_FP32=q.dtype == torch.float32, ROWS_FIRST=cfg.rows_first, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)

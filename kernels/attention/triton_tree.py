@@ -1,7 +1,10 @@
 """Triton paged hybrid (tree) attention, flash-decoding style.
 
-Grid of the partial kernel: (KV head, split, row tile). Splits 0..S-1 each cover a contiguous run
-of prefix positions read through the block table; the last split covers the n new keys (a draft
+Grid of the partial kernel: (row tile, KV head, split), row tiles fastest, so the programs that
+read the same K/V tiles (one per row tile) are scheduled together and all but the first find
+them in L2 (`rows_first=False` gives the older (KV head, split, row tile) order, in which
+they run far apart and each reads the KV from HBM). Splits 0..S-1 each cover a contiguous run of
+prefix positions read through the block table; the last split covers the n new keys (a draft
 tree or a prefill chunk) under their mask. Every program packs the rows of all n queries x all
 `group` query heads of its KV head into the M dimension of `tl.dot`, so each K/V tile is loaded
 once per KV head (per row tile) instead of once per query head and query. Each split writes a
@@ -36,6 +39,7 @@ class TreeAttentionConfig:
     waves: int = 2               # aim for waves x SM-count programs when splitting the prefix
     num_warps: int | None = None
     num_stages: int = 2
+    rows_first: bool = True      # grid order: row tiles sharing a K/V tile run side by side
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -49,11 +53,13 @@ class TreeAttentionConfig:
 
 
 @triton.jit
-def _online_update(s, v, m_i, l_i, acc, IS_FP32: tl.constexpr):
-    """One online-softmax step over a [BLOCK_M, BLOCK_N] tile of log2-scaled scores."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+def _online_update(s, v, m_i, l_i, acc, qk_scale, IS_FP32: tl.constexpr):
+    """One online-softmax step over a [BLOCK_M, BLOCK_N] tile of raw scores q.k (-inf where
+    masked); m_i is in scaled log2 units. The scale goes into the exponent's FMA
+    (exp2(s * scale - m)) rather than a pass of its own over the tile."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if IS_FP32:
@@ -73,12 +79,25 @@ def _qk(q, k, IS_FP32: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(q_ptr, n_q, stride_qn, stride_qh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_M: tl.constexpr):
+def _program_ids(ROWS_FIRST: tl.constexpr):
+    """(KV head, split, row tile) of this program under either grid order."""
+    if ROWS_FIRST:
+        return tl.program_id(1), tl.program_id(2), tl.program_id(0)
+    else:
+        return tl.program_id(0), tl.program_id(1), tl.program_id(2)
+
+
+def grid_of(row_tiles: int, hkv: int, splits: int, rows_first: bool) -> tuple[int, int, int]:
+    """The partial kernel's launch grid for `_program_ids(rows_first)`."""
+    return (row_tiles, hkv, splits) if rows_first else (hkv, splits, row_tiles)
+
+
+@triton.jit
+def _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh, GROUP: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's query rows (query x head of its KV head): (rows, query index, row valid,
     queries [BLOCK_M, HEAD_DIM])."""
-    kvh = tl.program_id(0)
-    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = rows // GROUP
     head = kvh * GROUP + rows % GROUP
     row_ok = qi < n_q
@@ -89,17 +108,13 @@ def _load_rows(q_ptr, n_q, stride_qn, stride_qh, GROUP: tl.constexpr, HEAD_DIM: 
 
 
 @triton.jit
-def _attend_prefix(q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_ptr, start, end, qk_scale,
-                   stride_kch, stride_kcs, stride_vch, stride_vcs, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr):
-    """Online softmax over prefix positions [start, end) of this KV head, read through the
-    block table (every query sees the whole prefix)."""
-    kvh = tl.program_id(0)
+def _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end, qk_scale, stride_kcs,
+                 stride_vcs, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                 MASKED: tl.constexpr, IS_FP32: tl.constexpr):
+    """One key tile at prefix positions [n0, n0 + BLOCK_N); MASKED: some may be >= end."""
     d = tl.arange(0, HEAD_DIM)
-    kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
-    vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
-    for n0 in range(start, end, BLOCK_N):
-        pos = n0 + tl.arange(0, BLOCK_N)
+    pos = n0 + tl.arange(0, BLOCK_N)
+    if MASKED:
         ok = pos < end
         blk = tl.load(bt_ptr + pos // PAGE, mask=ok, other=0).to(tl.int64)
         slot = blk * PAGE + pos % PAGE
@@ -107,20 +122,44 @@ def _attend_prefix(q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_ptr, start, end, qk_scal
                     other=0.0)
         v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :], mask=ok[:, None],
                     other=0.0)
-        s = _qk(q, k, IS_FP32) * qk_scale
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
+        s = tl.where(ok[None, :], _qk(q, k, IS_FP32), float("-inf"))
+    else:
+        blk = tl.load(bt_ptr + pos // PAGE).to(tl.int64)
+        slot = blk * PAGE + pos % PAGE
+        k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :])
+        v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :])
+        s = _qk(q, k, IS_FP32)
+    return _online_update(s, v, m_i, l_i, acc, qk_scale, IS_FP32)
+
+
+@triton.jit
+def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start, end, qk_scale,
+                   stride_kch, stride_kcs, stride_vch, stride_vcs, HEAD_DIM: tl.constexpr,
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr):
+    """Online softmax over prefix positions [start, end) of this KV head, read through the
+    block table (every query sees the whole prefix). Whole tiles load and score without
+    bounds masks; only a partial last tile is masked."""
+    kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
+    vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
+    full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
+    for n0 in range(start, full_end, BLOCK_N):
+        m_i, l_i, acc = _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end,
+                                     qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N, PAGE,
+                                     False, IS_FP32)
+    if full_end < end:
+        m_i, l_i, acc = _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, full_end,
+                                     end, qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N,
+                                     PAGE, True, IS_FP32)
     return m_i, l_i, acc
 
 
 @triton.jit
-def _attend_new(q, m_i, l_i, acc, qi, row_ok, kn_ptr, vn_ptr, mask_ptr, n_new, hi, q_offset,
-                qk_scale, stride_knn, stride_knh, stride_vnn, stride_vnh, stride_mask,
+def _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr, n_new, hi,
+                q_offset, qk_scale, stride_knn, stride_knh, stride_vnn, stride_vnh, stride_mask,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                 IS_FP32: tl.constexpr):
     """Online softmax over the first `hi` of the n_new new keys: causal (query i sees keys up
     to q_offset + i) or under the [n_q, n_new] mask."""
-    kvh = tl.program_id(0)
     d = tl.arange(0, HEAD_DIM)
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -129,23 +168,21 @@ def _attend_new(q, m_i, l_i, acc, qi, row_ok, kn_ptr, vn_ptr, mask_ptr, n_new, h
                     mask=ok[:, None], other=0.0)
         v = tl.load(vn_ptr + cols[:, None] * stride_vnn + kvh * stride_vnh + d[None, :],
                     mask=ok[:, None], other=0.0)
-        s = _qk(q, k, IS_FP32) * qk_scale
+        s = _qk(q, k, IS_FP32)
         if CAUSAL:
             allowed = cols[None, :] <= (qi + q_offset)[:, None]
         else:
             allowed = tl.load(mask_ptr + qi[:, None] * stride_mask + cols[None, :],
                               mask=row_ok[:, None] & ok[None, :], other=0) != 0
         s = tl.where(allowed & ok[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, IS_FP32)
+        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, qk_scale, IS_FP32)
     return m_i, l_i, acc
 
 
 @triton.jit
-def _store_partial(po_ptr, pl_ptr, rows, row_ok, m_i, l_i, acc, stride_po_s, stride_po_h,
-                   stride_pl_s, stride_pl_h, HEAD_DIM: tl.constexpr):
+def _store_partial(po_ptr, pl_ptr, kvh, split, rows, row_ok, m_i, l_i, acc, stride_po_s,
+                   stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM: tl.constexpr):
     """This split's normalised partial output and its log2-sum-exp (-inf where it saw no key)."""
-    kvh = tl.program_id(0)
-    split = tl.program_id(1)
     d = tl.arange(0, HEAD_DIM)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     lse2 = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))
@@ -163,30 +200,31 @@ def _tree_partial_kernel(
     stride_knn, stride_knh, stride_vnn, stride_vnh, stride_mask,
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGE: tl.constexpr, CAUSAL: tl.constexpr, IS_FP32: tl.constexpr,
+    PAGE: tl.constexpr, CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, ROWS_FIRST: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    rows, qi, row_ok, q = _load_rows(q_ptr, n_q, stride_qn, stride_qh, GROUP, HEAD_DIM, BLOCK_M)
+    kvh, split, row_tile = _program_ids(ROWS_FIRST)
+    rows, qi, row_ok, q = _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh, GROUP,
+                                     HEAD_DIM, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if split < num_prefix_splits:
         start = split * split_len
         end = tl.minimum(start + split_len, prefix_len)
-        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kc_ptr, vc_ptr, bt_ptr, start, end,
-                                       qk_scale, stride_kch, stride_kcs, stride_vch, stride_vcs,
-                                       HEAD_DIM, BLOCK_N, PAGE, IS_FP32)
+        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
+                                       end, qk_scale, stride_kch, stride_kcs, stride_vch,
+                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32)
     else:
         hi = n_new
         if CAUSAL:
-            last_q = (tl.program_id(2) * BLOCK_M + BLOCK_M - 1) // GROUP
+            last_q = (row_tile * BLOCK_M + BLOCK_M - 1) // GROUP
             hi = tl.minimum(n_new, q_offset + last_q + 1)
-        m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
+        m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
                                     n_new, hi, q_offset, qk_scale, stride_knn, stride_knh,
                                     stride_vnn, stride_vnh, stride_mask, HEAD_DIM, BLOCK_N,
                                     CAUSAL, IS_FP32)
-    _store_partial(po_ptr, pl_ptr, rows, row_ok, m_i, l_i, acc, stride_po_s, stride_po_h,
-                   stride_pl_s, stride_pl_h, HEAD_DIM)
+    _store_partial(po_ptr, pl_ptr, kvh, split, rows, row_ok, m_i, l_i, acc, stride_po_s,
+                   stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM)
 
 
 @triton.jit
@@ -309,7 +347,7 @@ def launch_hybrid(
     else:
         mask_u8 = part_lse  # never read when CAUSAL
     is_fp32 = q.dtype == torch.float32
-    _tree_partial_kernel[(hkv, num_prefix + 1, row_tiles)](
+    _tree_partial_kernel[grid_of(row_tiles, hkv, num_prefix + 1, cfg.rows_first)](
         q, k_cache_layer, v_cache_layer, block_table, k_new, v_new, mask_u8, part_out, part_lse,
         prefix_len, n, k_new.shape[0], q_offset, split_len, num_prefix, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache_layer.stride(0), k_cache_layer.stride(1),
@@ -317,7 +355,8 @@ def launch_hybrid(
         v_new.stride(0), v_new.stride(1), mask_u8.stride(0),
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PAGE=block_size,
-        CAUSAL=mask is None, IS_FP32=is_fp32, num_warps=warps, num_stages=cfg.num_stages,
+        CAUSAL=mask is None, IS_FP32=is_fp32, ROWS_FIRST=cfg.rows_first, num_warps=warps,
+        num_stages=cfg.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)

@@ -49,6 +49,23 @@ def test_tree_kernel_matches_reference_fp32(case_args: tuple) -> None:
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows_first", [True, False], ids=["rows-first", "heads-first"])
+def test_tree_kernel_several_row_tiles_either_grid_order(rows_first: bool) -> None:
+    """rows = 10 queries x GQA 4 = 40 > block_m 16: three row tiles per KV head, each reading
+    the same K/V tiles; a prefix of 3 whole tiles and a partial one per split."""
+    from lsrt.kernels.attention.triton_tree import TreeAttentionConfig, paged_hybrid_attention
+
+    gen = torch.Generator().manual_seed(404)
+    case = paged_case(n=10, hkv=2, group=4, d=32, prefix_len=2 * 64 + 57, block_size=8,
+                      gen=gen, device=DEVICE)
+    mask = tree_mask(10, gen).to(DEVICE)
+    cfg = TreeAttentionConfig(block_m=16, block_n=16, split_len=64, rows_first=rows_first)
+    out, lse = paged_hybrid_attention(**case, mask=mask, config=cfg)
+    want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
 def test_prefill_kernel_chunks_queries_causally() -> None:
     gen = torch.Generator().manual_seed(11)
     case = paged_case(n=40, hkv=2, group=2, d=64, prefix_len=50, block_size=16, gen=gen,

@@ -58,6 +58,20 @@ def test_graph_kernel_matches_reference_fp32(case_args: tuple) -> None:
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("rows_first", [True, False], ids=["rows-first", "heads-first"])
+def test_graph_kernel_several_row_tiles_either_grid_order(rows_first: bool) -> None:
+    """Three row tiles per KV head (rows 40 > block_m 16) under both grid orders."""
+    from lsrt.kernels.attention.triton_graph import GraphAttentionConfig
+
+    case, mask = _case(10, 2, 4, 32, 2 * 48 + 21, 8, seed=77)
+    cfg = GraphAttentionConfig(block_m=16, block_n=16, min_split_tiles=1, num_splits=3,
+                               rows_first=rows_first)
+    out, lse = _graph_call(case, mask, 2 * 48 + 21, cfg)
+    want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
 def test_one_launch_config_serves_every_length() -> None:
     """The same shapes, max_prefix and buffers with the device-side length changing."""
     from lsrt.kernels.attention.triton_graph import GraphAttentionConfig
