@@ -8,11 +8,17 @@ cross-attention into the target's last-layer KV, and the frozen lm_head; eager, 
 from the drafter's CUDA graph (captured on its 3rd proposal of a shape, as in serving); on the
 CPU only eager. Issue-7 target: draft step <= 8% of a target step. Medians of --repeats
 wall-clock timings (synchronised).
+
+--draft-vocab K [K ...]: one row per draft vocabulary size (0: the whole vocabulary). A draft
+vocabulary of K ids (FR-Spec; the shipped SmolLM2 draft has 8,192) makes the head read K x H
+instead of V x H: at Llama-3's 128,256 x 4,096 the full head is ~1 GB a level.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+
 import torch
 
 from gpu_graphs import wall_ms
@@ -25,6 +31,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--draft-vocab", type=int, nargs="+", default=[0])
     args = ap.parse_args()
 
     from lsrt.runtime.spec.longspec import LongSpecDrafter
@@ -39,10 +46,11 @@ def main() -> None:
         runner = GraphRunner(runner, GraphConfig(sizes=(1,)))
     draft = init_from_target(runner.model, LongSpecConfig())
     print(f"{args.shape}, {args.device}, bf16, median of {args.repeats}")
-    print("| context | target decode step ms | draft step ms, eager | draft/target, eager | "
-          "draft step ms, graphed | draft/target, graphed |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for ctx in args.contexts:
+    print("| context | draft vocabulary | target decode step ms | draft step ms, eager | "
+          "draft/target, eager | draft step ms, graphed | draft/target, graphed |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for ctx, vocab in itertools.product(args.contexts, args.draft_vocab):
+        draft.set_draft_vocab(torch.arange(vocab) if vocab else None)
         seq = runner.new_sequence()
         seq.reserve(ctx + 40)
         seq.num_tokens = ctx  # random KV stands in for a prefilled context
@@ -59,7 +67,8 @@ def main() -> None:
             cells += [f"{step:.2f}", f"{100 * step / target:.1f}%"]
         if len(cells) == 2:
             cells += ["-", "-"]
-        print(f"| {ctx} | {target:.2f} | " + " | ".join(cells) + " |", flush=True)
+        print(f"| {ctx} | {vocab or cfg.vocab_size} | {target:.2f} | " + " | ".join(cells) + " |",
+              flush=True)
         seq.release()
 
 
