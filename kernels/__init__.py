@@ -20,6 +20,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -86,8 +87,26 @@ def get_attention_backend(name: str) -> AttentionBackend:
     raise InvalidRequest(f"unknown attention backend {name!r}; expected torch, triton or auto")
 
 
+class _AbsentPackage(types.ModuleType):
+    """What the top-level `kernels` is, from a checkout, where the PyPI package is not installed.
+
+    transformers asks whether `kernels` is installed by finding it (the checkout's folder is
+    found), then, with no distribution metadata, importing it: raising here broke every model
+    import (transformers 5.17 on the GPU machine). This stub has no `__file__` and no
+    `__version__`, which transformers reads as "not installed" (a namespace package / version
+    "N/A"); any attribute asked of it says what the folder is.
+    """
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"the PyPI package 'kernels' is not installed, so it has no {name!r} "
+                             "(this checkout's kernels/ folder is lsrt.kernels)")
+
+
 def _hand_over_to_the_pypi_package() -> None:
-    """Replace this module in `sys.modules` by the PyPI package `kernels`.
+    """Replace this module in `sys.modules` by the PyPI package `kernels`, or by an
+    `_AbsentPackage` stub where that package is not installed.
 
     This folder installs as `lsrt.kernels`. It is imported as the top-level `kernels` only when a
     checkout's root is on `sys.path` (`python -m ...` or `python -c` run from the checkout), and
@@ -99,8 +118,12 @@ def _hand_over_to_the_pypi_package() -> None:
     path = [p for p in sys.path if Path(p or os.getcwd()).resolve() != root]
     spec = importlib.machinery.PathFinder.find_spec("kernels", path)
     if spec is None or spec.loader is None:
-        raise ImportError("no module named 'kernels' outside this checkout (its kernels/ folder "
-                          "is lsrt.kernels)", name="kernels")
+        stub = _AbsentPackage("kernels")
+        stub.__file__ = None
+        stub.__path__ = []
+        stub.__spec__ = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+        sys.modules["kernels"] = stub
+        return
     module = importlib.util.module_from_spec(spec)
     sys.modules["kernels"] = module
     spec.loader.exec_module(module)
