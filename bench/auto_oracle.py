@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spec_cpu import LsrtRun, Tally  # noqa: E402
-from traces import TRACES_DIR, load_traces, replay_turns  # noqa: E402
+from traces import load_traces, replay_turns, traces_dir  # noqa: E402
 
 BUCKETS = (("no match", 0, 1), ("depth 2-5", 2, 5), ("depth 6-9", 6, 9), ("depth 10+", 10, 99))
 COLUMNS = ("suffix", "model", "model/2", "merged")
@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--traces", nargs="+", default=[
-        str(TRACES_DIR / f) for f in ("swe_agent_demos.jsonl", "mini_swe_agent_gemini3pro.jsonl",
+        str(traces_dir() / f) for f in ("swe_agent_demos.jsonl", "mini_swe_agent_gemini3pro.jsonl",
                                        "tau_bench_gpt4o_airline.jsonl")])
     ap.add_argument("--skip-traces", type=int, default=13)
     ap.add_argument("--max-traces", type=int, default=3)

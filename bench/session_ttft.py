@@ -20,12 +20,12 @@ import threading
 import time
 from pathlib import Path
 
-TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "agent-traces"
+from lsrt.runtime.training.data import traces_dir
 
 
 def history_text(tokenizer, n_tokens: int) -> str:
     text = ""
-    for line in (TRACES / "mini_swe_agent_gemini3pro.jsonl").read_text().splitlines():
+    for line in (traces_dir() / "mini_swe_agent_gemini3pro.jsonl").read_text().splitlines():
         for m in json.loads(line)["messages"]:
             text += (m.get("content") or "") + "\n"
         if len(text) > n_tokens * 6:

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from draft_specs import split_nodes, split_spec  # noqa: E402
-from traces import TRACES_DIR, ReplayTurn, advance, load_traces, replay_turns  # noqa: E402
+from traces import ReplayTurn, advance, load_traces, replay_turns, traces_dir  # noqa: E402
 
 HF_KINDS = ("plain", "lookup", "assisted")
 
@@ -198,7 +198,7 @@ def table(title: str, tallies: dict[str, Tally]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--traces", nargs="+", default=[str(TRACES_DIR / "swe_agent_demos.jsonl")])
+    ap.add_argument("--traces", nargs="+", default=[str(traces_dir() / "swe_agent_demos.jsonl")])
     ap.add_argument("--max-traces", type=int, default=3)
     ap.add_argument("--skip-traces", type=int, default=0,
                     help="start after this many traces of each file")

@@ -1,6 +1,6 @@
 """Agent-trace loading and turn-by-turn replay for the speculative-decoding benchmarks.
 
-A trace (one JSON line of /work/shared/data/agent-traces/*.jsonl) is a whole agent session.
+A trace (one JSON line of an agent-traces *.jsonl; see `traces_dir`) is a whole agent session.
 Replaying it means: for each assistant turn, take the messages before it, render them with the
 target's chat template plus the generation prompt, let the engine generate the turn, continue.
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-TRACES_DIR = Path("/work/shared/data/agent-traces")
+from lsrt.runtime.training.data import traces_dir  # noqa: F401  (re-exported for the scripts)
 
 
 class ChatTokenizer(Protocol):

@@ -19,6 +19,7 @@ one stream; windows are drawn with the trainer's own generator.
 from __future__ import annotations
 
 import json
+import os
 import random
 import sysconfig
 from dataclasses import dataclass, field
@@ -27,8 +28,20 @@ from typing import Callable
 
 import torch
 
-TRACES_DIR = Path("/work/shared/data/agent-traces")
+TRACES_ENV = "LSRT_TRACES"
+_TRACES_CANDIDATES = (
+    Path(__file__).resolve().parents[2].parent / "shared" / "data" / "agent-traces",  # ../shared
+    Path("/work/shared/data/agent-traces"),
+)
 TEXT_SUFFIXES = (".py", ".txt", ".md")
+
+
+def traces_dir() -> Path:
+    """Where the agent traces live: $LSRT_TRACES if set, else the first of ../shared (beside the
+    checkout) and /work/shared that exists, else the former (callers report it missing)."""
+    if os.environ.get(TRACES_ENV):
+        return Path(os.environ[TRACES_ENV])
+    return next((d for d in _TRACES_CANDIDATES if d.is_dir()), _TRACES_CANDIDATES[0])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -173,7 +186,11 @@ def collect_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
         elif src == "packages":
             roots.append(Path(sysconfig.get_paths()["purelib"]))
         elif src == "traces":
-            roots.extend(sorted(TRACES_DIR.glob("*.jsonl")))
+            found = sorted(traces_dir().glob("*.jsonl"))
+            if not found:
+                raise FileNotFoundError(f"data source 'traces': no *.jsonl in {traces_dir()} "
+                                        f"(set {TRACES_ENV} to the agent-traces folder)")
+            roots.extend(found)
         else:
             if not Path(src).exists():
                 raise FileNotFoundError(f"data source {src!r}: no such file or directory")

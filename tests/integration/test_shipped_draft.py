@@ -5,9 +5,6 @@ untrained draft it started from on a held-in agent-trace turn (real model, CPU, 
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
 
 from lsrt.runtime.sampling import SamplingParams
 from lsrt.runtime.spec.drafters import make_drafter
@@ -16,13 +13,13 @@ from lsrt.runtime.spec.longspec_layer import init_from_target
 from lsrt.runtime.spec.longspec_ckpt import BUNDLED_DIR, find_bundled_draft, target_digest
 from lsrt.runtime.training.selfgen import trace_turn_prompts
 
-TRACES = Path("/work/shared/data/agent-traces/swe_agent_demos.jsonl")
+from agent_traces import agent_trace
 
 
 def held_in_prompt(llm) -> list[int]:
     """The first assistant turn of the first trace `lsrt train-draft` did not hold out."""
     meta = json.loads((BUNDLED_DIR / "smollm2-135m" / "config.json").read_text())
-    return next(trace_turn_prompts(llm.tokenizer, TRACES, holdout=meta["data"]["holdout"],
+    return next(trace_turn_prompts(llm.tokenizer, agent_trace("swe_agent_demos.jsonl"), holdout=meta["data"]["holdout"],
                                    max_prompt=1500, min_prompt=0, min_messages=2))
 
 
@@ -37,7 +34,6 @@ def test_found_by_weights_and_used_by_default(smollm2):
     assert not isinstance(make_drafter("auto:self", smollm2).model, LongSpecDrafter)
 
 
-@pytest.mark.skipif(not TRACES.is_file(), reason="agent traces not present")
 def test_lossless_and_better_than_untrained(smollm2):
     prompt = held_in_prompt(smollm2)
     params = SamplingParams(max_tokens=40)

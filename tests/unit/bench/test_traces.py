@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from agent_traces import agent_trace
+
 BENCH = Path(__file__).resolve().parents[3] / "bench"
-TRACES = Path("/work/shared/data/agent-traces")
 
 
 def _load_traces_module():
@@ -35,9 +36,7 @@ def tokenizer(smollm2_dir):
 
 
 def _raw_rows(name: str) -> list[dict]:
-    path = TRACES / name
-    if not path.exists():
-        pytest.skip(f"{path} not present")
+    path = agent_trace(name)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -52,7 +51,7 @@ def _direct_text(raw_messages: list[dict], upto: int) -> str:
 
 def test_turns_split_at_assistant_messages(traces, tokenizer):
     raw = _raw_rows("swe_agent_demos.jsonl")[0]
-    trace = traces.load_traces(TRACES / "swe_agent_demos.jsonl", limit=1)[0]
+    trace = traces.load_traces(agent_trace("swe_agent_demos.jsonl"), limit=1)[0]
     assert trace.id == raw["id"]
     expected = [i for i, m in enumerate(raw["messages"]) if m["role"] == "assistant"][:4]
     turns = traces.replay_turns(tokenizer, trace, turns=4, max_prompt_tokens=100_000)
@@ -66,7 +65,7 @@ def test_turns_split_at_assistant_messages(traces, tokenizer):
 
 
 def test_resident_history_equals_direct_tokenisation(traces, tokenizer):
-    trace = traces.load_traces(TRACES / "swe_agent_demos.jsonl", limit=1)[0]
+    trace = traces.load_traces(agent_trace("swe_agent_demos.jsonl"), limit=1)[0]
     turns = traces.replay_turns(tokenizer, trace, turns=5, max_prompt_tokens=100_000)
     assert len(turns) == 5
     history: list[int] = []
@@ -85,7 +84,7 @@ def test_resident_history_equals_direct_tokenisation(traces, tokenizer):
 
 
 def test_max_prompt_tokens_stops_the_trace(traces, tokenizer):
-    trace = traces.load_traces(TRACES / "swe_agent_demos.jsonl", limit=1)[0]
+    trace = traces.load_traces(agent_trace("swe_agent_demos.jsonl"), limit=1)[0]
     full = traces.replay_turns(tokenizer, trace, turns=5, max_prompt_tokens=100_000)
     cap = len(full[2].prompt_ids) - 1
     cut = traces.replay_turns(tokenizer, trace, turns=5, max_prompt_tokens=cap)

@@ -7,20 +7,17 @@ agent-trace prompt, multi-turn continuation and stop conditions.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
 from lsrt.runtime.llm import LLM
 from lsrt.runtime.runner import RunnerConfig
 from lsrt.runtime.sampling import SamplingParams
 from lsrt.runtime.spec.drafters import DraftOptions, make_drafter
-from lsrt.runtime.spec.self_draft import SelfDrafter
 
+from agent_traces import agent_trace
 from tiny_models import copy_tokenizer, make_tiny_model, repetitive_prompt
 
-TRACES = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "agent-traces"
 DRAFTS = ["suffix", "self", "auto", "model:self-test"]
 
 
@@ -81,7 +78,7 @@ def _cut(gen) -> int:
 
 
 def trace_prompt(llm: LLM, max_tokens: int) -> list[int]:
-    line = (TRACES / "swe_agent_demos.jsonl").read_text().splitlines()[0]
+    line = agent_trace("swe_agent_demos.jsonl").read_text().splitlines()[0]
     msgs = json.loads(line)["messages"]
     ids: list[int] = []
     for m in msgs:

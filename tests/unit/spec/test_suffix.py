@@ -6,7 +6,6 @@ import json
 import random
 import re
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,8 @@ from lsrt.runtime.spec.suffix import SuffixConfig, SuffixDrafter, SuffixIndex
 from lsrt.runtime.spec.suffix_global import GlobalSuffixIndex
 from lsrt.runtime.spec.tree import DraftTree
 
-TRACES = Path("/work/shared/data/agent-traces")
+from agent_traces import agent_trace
+
 BIG = 10**9  # a scan limit that makes the index report every occurrence
 
 
@@ -233,7 +233,7 @@ def word_ids(text: str, vocab: dict[str, int]) -> list[int]:
 
 def test_real_agent_trace_acceptance() -> None:
     """Replay an agent trace, drafting at every assistant token; greedy chain-walk acceptance."""
-    line = (TRACES / "mini_swe_agent_gemini3pro.jsonl").read_text().splitlines()[0]
+    line = agent_trace("mini_swe_agent_gemini3pro.jsonl").read_text().splitlines()[0]
     vocab: dict[str, int] = {}
     turns = [(m["role"], word_ids(f"<{m['role']}>\n{m['content']}\n", vocab))
              for m in json.loads(line)["messages"]]
