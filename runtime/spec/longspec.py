@@ -38,6 +38,23 @@ def default_widths(max_nodes: int) -> tuple[int, ...]:
     return DEFAULT_WIDTHS[max(fits) if fits else min(DEFAULT_WIDTHS)]
 
 
+def _pruned(tokens: torch.Tensor, parents: torch.Tensor, cum: torch.Tensor, keep: int
+            ) -> torch.Tensor:
+    """(tokens; parents) `[2, keep]` of the `keep` nodes with the highest cumulative draft
+    log-probability (the root included), in their drafted order and with parents renumbered.
+
+    The kept set is closed under ancestors: a child's log-probability is its parent's plus a
+    log-probability <= 0, and a penalty of 1e-4 per node index (children come after their
+    parents) breaks the ties of a child drafted with probability 1. Device ops only."""
+    total = tokens.shape[0]
+    order = torch.arange(total, device=tokens.device)
+    kept = (cum - 1e-4 * order).topk(keep).indices.sort().values
+    renumber = torch.full((total,), -1, dtype=torch.long, device=tokens.device)
+    renumber[kept] = order[:keep]
+    par = parents[kept]
+    return torch.stack((tokens[kept], torch.where(par >= 0, renumber[par.clamp(min=0)], -1)))
+
+
 def _shared(name: str) -> property:
     return property(lambda self: getattr(self.ws, name),
                     lambda self, value: setattr(self.ws, name, value))
@@ -45,7 +62,9 @@ def _shared(name: str) -> property:
 
 class LongSpecDrafter:
     """Drafter protocol over a LongSpecDraft: a top-k tree, `widths[d]` nodes at depth d + 1
-    (None: `default_widths` of each proposal's node budget).
+    (None: `default_widths` of each proposal's node budget). A drafted tree larger than the
+    proposal's node budget keeps its likeliest nodes by cumulative draft log-probability
+    (`_pruned`; EAGLE-2's re-ranking), not its first levels.
 
     Deterministic (draft_probs None), so the sampling verifier stays exact. Its own cache keeps
     `sink` positions plus a ring of the last `window` (slot of p >= sink: sink + (p - sink) %
@@ -210,15 +229,13 @@ class LongSpecDrafter:
             self.xv[:, self.x_len:n] = pool.v[-1].index_select(1, slots)
         self.x_len = n
 
-    def _budget(self, root: int, max_nodes: int) -> list[int]:
-        left, out = max_nodes - 1, []
+    def _shape(self, root: int, max_nodes: int) -> list[int]:
+        """The drafted shape (nodes per depth) for a proposal at `root`: the widths, as deep
+        as the context limit allows. Trees larger than the budget are pruned after drafting."""
+        if max_nodes < 2:
+            return []
         widths = self.widths or default_widths(max_nodes)
-        for w in widths[:max(0, self.runner.cfg.context_limit - root - 1)]:
-            if left <= 0:
-                break
-            out.append(min(w, left))
-            left -= out[-1]
-        return out
+        return list(widths[:max(0, self.runner.cfg.context_limit - root - 1)])
 
     @torch.inference_mode()
     def propose(self, history: list[int], max_nodes: int) -> DraftTree | None:
@@ -233,7 +250,7 @@ class LongSpecDrafter:
             self.rollback(min(len(history), len(self.history)))
             self.history = list(history)
         root = len(history) - 1
-        widths = self._budget(root, max_nodes)
+        widths = self._shape(root, max_nodes)
         if not widths:
             return None
         committed = self.seq.num_tokens
@@ -256,20 +273,21 @@ class LongSpecDrafter:
         sizes = [1]  # nodes per level, known before drafting: no host sync inside the loop
         for w in widths:
             sizes.append(min(w, sizes[-1] * vocab))
-        key = (tuple(sizes), self.xk.shape[1])
+        keep = min(max_nodes, sum(sizes))
+        key = (tuple(sizes), keep, self.xk.shape[1])
         self._uses[key] = self._uses.get(key, 0) + 1
         if self.use_graphs and self._uses[key] > EAGER_BEFORE_CAPTURE:
             out = self._replay(key)
         else:
-            out = self._levels(sizes)
+            out = self._levels(sizes, keep)
         tokens, parents = out.tolist()  # the one read-back
         return DraftTree(tokens=tokens, parents=parents, source=self.name)
 
-    def _levels(self, sizes: list[int]) -> torch.Tensor:
+    def _levels(self, sizes: list[int], keep: int) -> torch.Tensor:
         """The staged encode, then the beam tree, from device state alone (own ring, slot
         positions, cross buffer, the staged scalars and tokens): fixed shapes, no host
         synchronisation, so it can be captured in a CUDA graph. Returns (tokens; parents)
-        `[2, sum(sizes)]`."""
+        `[2, keep]`: the `keep` likeliest drafted nodes (`_pruned`)."""
         dev = self.target.device
         self._encode_staged()
         root, lo, committed = self._scalars[0], self._scalars[1], self._scalars[2]
@@ -307,23 +325,26 @@ class LongSpecDrafter:
             cum[new] = scores
             anc[new] |= anc[par]
             t += m
+        if keep < total:
+            return _pruned(tokens, parents, cum, keep)
         return torch.stack((tokens, parents))
 
     def _replay(self, key: tuple) -> torch.Tensor:
-        """Run `_levels` through a CUDA graph captured once per (level sizes, capacity)."""
+        """Run `_levels` through a CUDA graph captured once per (level sizes, kept nodes,
+        capacity)."""
         if key not in self._graphs:
-            sizes = list(key[0])
+            sizes, keep = list(key[0]), key[1]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):  # warm-up: cuBLAS / SDPA pick their kernels
-                    self._levels(sizes)
+                    self._levels(sizes, keep)
             torch.cuda.current_stream().wait_stream(side)
             if self._mempool is None:
                 self._mempool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._mempool):
-                out = self._levels(sizes)
+                out = self._levels(sizes, keep)
             self._graphs[key] = (graph, out)
         graph, out = self._graphs[key]
         graph.replay()

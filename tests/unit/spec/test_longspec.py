@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lsrt.runtime.llm import LLM
 from lsrt.runtime.runner import RunnerConfig
 from lsrt.runtime.sampling import SamplingParams
-from lsrt.runtime.spec.longspec import (ENCODE_PAD, LongSpecDrafter, default_widths,
+from lsrt.runtime.spec.longspec import (ENCODE_PAD, LongSpecDrafter, _pruned, default_widths,
                                         make_longspec_drafter)
 from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
 from lsrt.runtime.spec.longspec_ckpt import load_longspec_checkpoint
@@ -51,7 +51,8 @@ def run(llm: LLM, ids: list[int], drafter, params: SamplingParams):
         seq.release()
 
 
-@pytest.mark.parametrize("widths", [(1, 1, 1), (2, 3, 3)], ids=["chain", "tree"])
+@pytest.mark.parametrize("widths", [(1, 1, 1), (2, 3, 3), (4, 8, 8, 8)],
+                         ids=["chain", "tree", "pruned"])
 def test_greedy_identical(tiny, widths):
     ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 120, seed=3)
     params = SamplingParams(max_tokens=24)
@@ -61,31 +62,66 @@ def test_greedy_identical(tiny, widths):
     assert spec.stats.drafted_tokens > 0
 
 
-def test_tree_shape_and_budget(tiny):
+def test_tree_shape_and_pruning(tiny):
+    """A drafted tree larger than the node budget keeps its likeliest nodes: at every depth a
+    prefix of that depth's nodes (drafted best first), every kept path a drafted path."""
     ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 40, seed=4)
     seq = tiny.runner.new_sequence()
     try:
         tiny.runner.prefill(seq, ids[:-1])
-        d = drafter_for(tiny, (4, 16, 16, 16, 16))
+        d = drafter_for(tiny, (4, 16, 16, 16), seed=2)
         d.observe(ids)
         d.bind(seq)
-        tree = d.propose(ids, 32)  # 31 nodes of budget: widths cut to 4, 16, 11
-        assert len(tree) == 32 and tree.tokens[0] == ids[-1]
-        assert [tree.depth.count(k) for k in range(1, 4)] == [4, 16, 11]
-        assert all(p is None for p in tree.draft_probs)
+        full = d.propose(ids, 128)  # 53 drafted nodes, all within budget
+        assert len(full) == 53 and full.tokens[0] == ids[-1]
+        assert [full.depth.count(k) for k in range(1, 5)] == [4, 16, 16, 16]
+        assert all(p is None for p in full.draft_probs)
+        assert len(set(zip(full.parents, full.tokens))) == len(full)  # no duplicate children
         # Depth 1 = the draft's top-4 at the root, best first.
-        chain = drafter_for(tiny, (1,))
+        chain = drafter_for(tiny, (1,), seed=2)
         chain.observe(ids)
         chain.bind(seq)
-        assert chain.propose(ids, 8).tokens[1] == tree.tokens[1]
-        assert len(set(zip(tree.parents, tree.tokens))) == len(tree)  # no duplicate children
+        assert chain.propose(ids, 8).tokens[1] == full.tokens[1]
+
+        def paths(tree):
+            out = []
+            for i in range(len(tree)):
+                path, j = [], i
+                while j > 0:
+                    path.append(tree.tokens[j])
+                    j = tree.parents[j]
+                out.append((tree.depth[i], tuple(reversed(path))))
+            return out
+
+        full_paths = paths(full)
+        for budget in (32, 16, 5, 2):
+            pruned = d.propose(ids, budget)
+            assert len(pruned) == budget and pruned.tokens[0] == ids[-1]
+            kept = paths(pruned)
+            assert set(kept) <= set(full_paths)
+            for depth in range(1, 5):  # kept nodes of a depth: that depth's first ones
+                at = [p for p in full_paths if p[0] == depth]
+                got = [p for p in kept if p[0] == depth]
+                assert got == at[:len(got)], (budget, depth)
+            assert kept[1] == full_paths[1]  # the likeliest first token survives any budget
+        assert d.propose(ids, 1) is None
     finally:
         seq.release()
 
 
+def test_pruning_keeps_the_likeliest_nodes_and_their_ancestors():
+    # 0 -> 1 -> 3 -> 5, 0 -> 2, 1 -> 4; node 3 was drafted with probability 1 (cum ties node 1).
+    tokens = torch.tensor([10, 11, 12, 13, 14, 15])
+    parents = torch.tensor([-1, 0, 0, 1, 1, 3])
+    cum = torch.tensor([0.0, -0.1, -2.0, -0.1, -0.5, -0.3])
+    assert _pruned(tokens, parents, cum, 4).tolist() == [[10, 11, 13, 15], [-1, 0, 1, 2]]
+    assert _pruned(tokens, parents, cum, 2).tolist() == [[10, 11], [-1, 0]]  # the tie: parent
+    assert _pruned(tokens, parents, cum, 5).tolist() == [[10, 11, 13, 14, 15], [-1, 0, 1, 1, 2]]
+
+
 def test_default_shape_follows_the_budget(tiny):
     """Without widths, each proposal takes the tabled shape of its node budget (auto's model arm
-    drafts with half of the engine's budget), cut where a budget falls between two."""
+    drafts with half of the engine's budget); below the smallest, that shape pruned to fit."""
     ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 40, seed=4)
     seq = tiny.runner.new_sequence()
     try:
@@ -93,19 +129,14 @@ def test_default_shape_follows_the_budget(tiny):
         d = drafter_for(tiny, None)
         d.observe(ids)
         d.bind(seq)
-        for budget in (32, 16, 8, 12, 5):
-            want = list(default_widths(budget))
+        for budget in (32, 16, 8, 12):
             tree = d.propose(ids, budget)
             widths = [tree.depth.count(k) for k in range(1, max(tree.depth) + 1)]
-            left, cut = budget - 1, []
-            for w in want:
-                if left > 0:
-                    cut.append(min(w, left))
-                    left -= cut[-1]
-            assert widths == cut, budget
+            assert widths == list(default_widths(budget)), budget
         assert default_widths(32) == (6, 5, 4, 4, 4, 4, 3)
         assert default_widths(12) == default_widths(8) == (4, 3)
-        assert default_widths(5) == (4, 3)  # cut to (4,) by the budget
+        assert default_widths(5) == (4, 3)
+        assert len(d.propose(ids, 5)) == 5  # (4, 3) drafted, its 4 likeliest nodes kept
     finally:
         seq.release()
 
