@@ -65,3 +65,11 @@ def repetitive_prompt(vocab: int, n: int, seed: int) -> list[int]:
     while len(out) < n:
         out += block if len(out) % 3 else torch.randint(1, vocab - 2, (11,), generator=g).tolist()
     return out[:n]
+
+
+def perturb(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Add seeded noise to every parameter (e.g. a draft that is not a copy of its target)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g).to(p.device, p.dtype))

@@ -186,9 +186,10 @@ def collect_documents(cfg: DataConfig) -> tuple[list[str], list[str]]:
         elif src == "packages":
             roots.append(Path(sysconfig.get_paths()["purelib"]))
         elif src == "traces":
-            found = sorted(traces_dir().glob("*.jsonl"))
+            folder = traces_dir()
+            found = sorted(folder.glob("*.jsonl"))
             if not found:
-                raise FileNotFoundError(f"data source 'traces': no *.jsonl in {traces_dir()} "
+                raise FileNotFoundError(f"data source 'traces': no *.jsonl in {folder} "
                                         f"(set {TRACES_ENV} to the agent-traces folder)")
             roots.extend(found)
         else:

@@ -18,16 +18,13 @@ def test_graphed_proposals_equal_eager(tmp_path, widths):
     from lsrt.runtime.spec.longspec import LongSpecDrafter
     from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
 
-    from tiny_models import make_tiny_model, repetitive_prompt
+    from tiny_models import make_tiny_model, perturb, repetitive_prompt
 
     make_tiny_model("llama", tmp_path)
     runner = ModelRunner(load_model(tmp_path, device="cuda"),
                          RunnerConfig(device="cuda", kv_budget_mb=16, block_size=8))
     draft = init_from_target(runner.model, LongSpecConfig(sink=4, window=16))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():  # a draft that is not a copy of the last layer
-        for p in draft.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.device, p.dtype))
+    perturb(draft, 3)  # a draft that is not a copy of the last layer
     graphed = LongSpecDrafter(runner, draft, widths=widths)
     eager = LongSpecDrafter(runner, draft, widths=widths, use_graphs=False)
     assert graphed.use_graphs

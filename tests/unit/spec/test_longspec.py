@@ -17,7 +17,7 @@ from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
 from lsrt.runtime.spec.longspec_ckpt import load_longspec_checkpoint
 from lsrt.sessions.blob import decode_draft_blob, encode_draft_blob
 
-from tiny_models import copy_tokenizer, make_tiny_model, repetitive_prompt
+from tiny_models import copy_tokenizer, make_tiny_model, perturb, repetitive_prompt
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
@@ -31,11 +31,8 @@ def tiny(request, tmp_path_factory, smollm2_dir):
 def drafter_for(llm: LLM, widths, *, sink=4, window=16, seed=None,
                 cross_start=None) -> LongSpecDrafter:
     draft = init_from_target(llm.runner.model, LongSpecConfig(sink=sink, window=window))
-    if seed is not None:  # perturb: a draft that is not a copy of the last layer
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in draft.parameters():
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    if seed is not None:  # a draft that is not a copy of the last layer
+        perturb(draft, seed)
     return LongSpecDrafter(llm.runner, draft, widths=widths, cross_start=cross_start)
 
 
