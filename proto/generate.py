@@ -9,6 +9,7 @@ committed copies differ.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -19,6 +20,11 @@ GENERATED = ("lsrt_pb2.py", "lsrt_pb2.pyi", "lsrt_pb2_grpc.py")
 # protoc writes a top-level import; the module lives in the `lsrt.proto` package.
 _BARE_IMPORT = "import lsrt_pb2 as lsrt__pb2"
 _PACKAGE_IMPORT = "from lsrt.proto import lsrt_pb2 as lsrt__pb2"
+# The grpcio the generated stubs demand at import: pyproject's floor, not the patch release of
+# the grpcio-tools that happened to generate them (1.85.4 wrote '1.85.4', which made the
+# committed code "stale" and would have refused grpcio 1.85.1-1.85.3 at run time).
+GRPC_FLOOR = "1.85.1"
+_GRPC_VERSION_LINE = re.compile(r"^GRPC_GENERATED_VERSION = '[^']*'$", re.MULTILINE)
 
 
 def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
@@ -44,6 +50,9 @@ def generate(out_dir: Path, proto_dir: Path = PROTO_DIR) -> list[Path]:
     text = grpc_file.read_text()
     if _BARE_IMPORT not in text:
         raise RuntimeError(f"unexpected protoc output: {_BARE_IMPORT!r} not found in {grpc_file}")
+    text, found = _GRPC_VERSION_LINE.subn(f"GRPC_GENERATED_VERSION = '{GRPC_FLOOR}'", text)
+    if found != 1:
+        raise RuntimeError(f"unexpected protoc output: no GRPC_GENERATED_VERSION in {grpc_file}")
     grpc_file.write_text(text.replace(_BARE_IMPORT, _PACKAGE_IMPORT))
     return [out_dir / name for name in GENERATED]
 

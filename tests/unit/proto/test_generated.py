@@ -46,3 +46,17 @@ def test_generated_imports_resolve_inside_the_package() -> None:
     assert lsrt_pb2_grpc.lsrt__pb2 is lsrt_pb2
     assert lsrt_pb2.DESCRIPTOR.package == "lsrt.v1"
     assert "Lsrt" in lsrt_pb2.DESCRIPTOR.services_by_name
+
+
+def test_stubs_demand_the_grpcio_floor_of_pyproject() -> None:
+    """The generated stubs refuse a grpcio older than GRPC_FLOOR: it must be pyproject's floor
+    (whatever grpcio-tools patch release generated them)."""
+    import re
+
+    pyproject = Path(__file__).resolve().parents[3] / "pyproject.toml"
+    if not pyproject.exists():
+        pytest.skip("runs from a checkout")
+    floor = re.search(r'"grpcio>=([0-9.]+)"', pyproject.read_text())
+    assert floor is not None and floor.group(1) == generate.GRPC_FLOOR
+    stubs = (generate.PROTO_DIR / "lsrt_pb2_grpc.py").read_text()
+    assert f"GRPC_GENERATED_VERSION = '{generate.GRPC_FLOOR}'" in stubs
