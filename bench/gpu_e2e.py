@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from draft_specs import split_spec  # noqa: E402
+from traces import traces_dir  # noqa: E402
 
 
 def trace_prompts(llm, path: Path, count: int, max_tokens: int, skip: int = 0
@@ -46,7 +47,7 @@ def sync() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--traces", default="../shared/data/agent-traces/swe_agent_demos.jsonl")
+    ap.add_argument("--traces", default=str(traces_dir() / "swe_agent_demos.jsonl"))
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--max-prompt", type=int, default=6000)

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from draft_specs import split_spec  # noqa: E402
+from traces import traces_dir  # noqa: E402
 from gpu_e2e import trace_prompts  # noqa: E402
 from gpu_graphs import wall_ms  # noqa: E402
 
@@ -27,7 +28,7 @@ from gpu_graphs import wall_ms  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--traces", default="../shared/data/agent-traces/swe_agent_demos.jsonl")
+    ap.add_argument("--traces", default=str(traces_dir() / "swe_agent_demos.jsonl"))
     ap.add_argument("--skip", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=30)

@@ -21,16 +21,17 @@
 #
 # Every stage resumes: re-running `short` or `long` continues from its last checkpoint.
 # Environment: MODEL (a .gguf or registry name; default smollm2-135m), TRACES_DIR (default
-# ../shared/data/agent-traces), WORK (default /tmp/lsrt), MINUTES (per training call), OUT
+# traces_dir(): $LSRT_TRACES, else ../shared/data/agent-traces beside the checkout), WORK
+# (default /tmp/lsrt), MINUTES (per training call), OUT
 # (where the finished draft is copied in bf16; optional).
 set -euo pipefail
 
 STAGE=${1:?usage: $0 gen|short|long|eval}
 MODEL=${MODEL:-smollm2-135m}
-TRACES_DIR=${TRACES_DIR:-../shared/data/agent-traces}
 WORK=${WORK:-/tmp/lsrt}
 MINUTES=${MINUTES:-5}
 PY=${PYTHON:-python}
+TRACES_DIR=${TRACES_DIR:-$("$PY" -c 'from lsrt.runtime.training.data import traces_dir; print(traces_dir())')}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 TRACES=("$TRACES_DIR"/swe_agent_demos.jsonl "$TRACES_DIR"/mini_swe_agent_gemini3pro.jsonl

@@ -1,6 +1,6 @@
 """Micro-benchmark of the suffix drafter: index speed and acceptance on the agent traces.
 
-    python bench/suffix_index.py [--tokens 100000] [--traces /work/shared/data/agent-traces]
+    python bench/suffix_index.py [--tokens 100000] [--traces DIR (default: traces_dir())]
 
 Tokens for the traces are words/whitespace/punctuation mapped to ids (no model needed), so the
 acceptance numbers show how repetitive the workload is, not what a real tokenizer would give.
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from lsrt.runtime.spec.suffix import SuffixConfig, SuffixDrafter, SuffixIndex
+from lsrt.runtime.training.data import traces_dir
 
 
 def bench_index(num_tokens: int) -> None:
@@ -83,7 +84,7 @@ def bench_traces(folder: Path, max_traces: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=100_000)
-    parser.add_argument("--traces", type=Path, default=Path("/work/shared/data/agent-traces"))
+    parser.add_argument("--traces", type=Path, default=traces_dir())
     parser.add_argument("--max-traces", type=int, default=5)
     args = parser.parse_args()
     bench_index(args.tokens)
