@@ -1,7 +1,7 @@
 """Benchmark: paged hybrid tree attention vs SDPA and the HBM floor, one Llama-3.1-8B layer.
 
     python bench/kernels_attention.py [--contexts 8192,32768,131072] [--ns 1,4,16,64,128]
-        [--sweep] [--sweep-grid "block_m=None,256 block_n=64,128 ..."]
+        [--sweep] [--sweep-grid "block_m=None,256 block_n=64,128 pdl=0,1 warp_specialize=0,1 ..."]
 
 Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, block_size 16. For each context L and
 tree size n it times (median of CUDA-graph replays with L2 flushed
@@ -129,17 +129,21 @@ def sweep_configs(grid: str):
     """TreeAttentionConfigs over a grid like "block_m=None,256 block_n=64,128" (the product)."""
     from lsrt.kernels.attention.triton_tree import TreeAttentionConfig
 
+    flags = ("pdl", "warp_specialize", "rows_first")
     axes = {}
     for item in grid.split():
         name, values = item.split("=")
-        axes[name] = [None if v == "None" else int(v) for v in values.split(",")]
+        cast = (lambda v: bool(int(v))) if name in flags else int  # noqa: E731
+        axes[name] = [None if v == "None" else cast(v) for v in values.split(",")]
     for combo in itertools.product(*axes.values()):
         yield TreeAttentionConfig(**dict(zip(axes, combo)))
 
 
 def describe(cfg) -> str:
+    flags = "".join(f" {name}" for name, value in
+                    (("pdl", cfg.pdl), ("ws", cfg.warp_specialize)) if value)
     return (f"bm{cfg.block_m} bn{cfg.block_n} wv{cfg.waves} st{cfg.num_stages} "
-            f"nw{cfg.num_warps}")
+            f"nw{cfg.num_warps}{flags}")
 
 
 def bench_context(length: int, ns: list[int], bw: float, grid: str | None, timers: dict):

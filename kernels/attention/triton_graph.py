@@ -24,7 +24,7 @@ import triton.language as tl
 
 from lsrt.kernels.attention.triton_tree import (
     _LOG2E, _attend_new, _attend_prefix, _load_rows, _num_sms, _program_ids, _store_partial,
-    _tree_reduce_kernel, grid_of)
+    gdc_launch_dependents, grid_of, launch_reduce, pdl_supported)
 from lsrt.runtime.errors import InvalidRequest
 
 
@@ -40,6 +40,8 @@ class GraphAttentionConfig:
     num_warps: int = 4
     num_stages: int = 2
     rows_first: bool = True         # grid order, see `triton_tree`
+    pdl: bool = False               # early reduce launch where supported, see there
+    warp_specialize: bool = False   # see `triton_tree.TreeAttentionConfig`
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -61,8 +63,10 @@ def _graph_partial_kernel(
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
-    ROWS_FIRST: tl.constexpr,
+    ROWS_FIRST: tl.constexpr, PDL: tl.constexpr, WS: tl.constexpr,
 ):
+    if PDL:
+        gdc_launch_dependents()
     kvh, split, row_tile = _program_ids(ROWS_FIRST)
     rows, qi, row_ok, q = _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh, GROUP,
                                      HEAD_DIM, BLOCK_M)
@@ -77,7 +81,7 @@ def _graph_partial_kernel(
         end = tl.minimum(start + split_len, prefix_len)  # <= start: an empty partial
         m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
                                        end, qk_scale, stride_kch, stride_kcs, stride_vch,
-                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32)
+                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS)
     else:  # the tree: n_q new keys under the mask
         m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
                                     n_q, n_q, 0, qk_scale, stride_knn, stride_knh, stride_vnn,
@@ -155,6 +159,7 @@ def paged_hybrid_attention_graph(
     part_out = torch.empty(num_prefix + 1, hkv, rows, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_prefix + 1, hkv, rows, dtype=torch.float32, device=q.device)
     mask_t = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    pdl = cfg.pdl and pdl_supported(q.device)
     _graph_partial_kernel[grid_of(row_tiles, hkv, num_prefix + 1, cfg.rows_first)](
         q, k_cache_layer, v_cache_layer, block_table, prefix_len, k_new, v_new, mask_t,
         part_out, part_lse, n, num_prefix, scale * _LOG2E,
@@ -164,16 +169,10 @@ def paged_hybrid_attention_graph(
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         MIN_SPLIT=cfg.min_split_tiles * cfg.block_n, PAGE=block_size,
-        IS_FP32=q.dtype == torch.float32, ROWS_FIRST=cfg.rows_first, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        IS_FP32=q.dtype == torch.float32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
+        WS=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)
-    _tree_reduce_kernel[(rows, hkv)](
-        part_out, part_lse, out, lse, num_prefix + 1,
-        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        GROUP=group, HEAD_DIM=d, BLOCK_S=min(32, triton.next_power_of_2(num_prefix + 1)),
-        num_warps=4,
-    )
+    launch_reduce(part_out, part_lse, out, lse, group, pdl)
     return out, lse

@@ -26,7 +26,15 @@ import triton.language as tl
 
 from lsrt.runtime.errors import InvalidRequest
 
+try:  # griddepcontrol (programmatic dependent launch); absent from older Triton releases
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    gdc_launch_dependents = gdc_wait = None
+
 _LOG2E = 1.4426950408889634
+# The reduce merges up to this many splits per loop iteration: one pass for every default plan
+# (2 waves x 132 SMs / 8 KV heads = 33 prefix splits + the tree on an H100).
+REDUCE_SPLITS = 64
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +48,11 @@ class TreeAttentionConfig:
     num_warps: int | None = None
     num_stages: int = 2
     rows_first: bool = True      # grid order: row tiles sharing a K/V tile run side by side
+    # Launch the reduce early (programmatic dependent launch), where the GPU and Triton support
+    # it (`pdl_supported`). Off by default: no gain measured on an H100 (docs/BENCHMARKS.md).
+    pdl: bool = False
+    warp_specialize: bool = False  # Triton's warp-specialised pipelining of the prefix loop
+    #                                (also no gain measured there)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -135,14 +148,16 @@ def _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end, qk_scale, 
 @triton.jit
 def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start, end, qk_scale,
                    stride_kch, stride_kcs, stride_vch, stride_vcs, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr):
+                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
+                   WS: tl.constexpr):
     """Online softmax over prefix positions [start, end) of this KV head, read through the
     block table (every query sees the whole prefix). Whole tiles load and score without
-    bounds masks; only a partial last tile is masked."""
+    bounds masks; only a partial last tile is masked. WS: Triton warp-specialises the loop
+    (producer warps load K/V while consumer warps compute)."""
     kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
     vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
     full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
-    for n0 in range(start, full_end, BLOCK_N):
+    for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
         m_i, l_i, acc = _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end,
                                      qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N, PAGE,
                                      False, IS_FP32)
@@ -201,7 +216,10 @@ def _tree_partial_kernel(
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, ROWS_FIRST: tl.constexpr,
+    PDL: tl.constexpr, WS: tl.constexpr,
 ):
+    if PDL:  # the reduce may launch now; its gdc_wait still waits for this whole grid
+        gdc_launch_dependents()
     kvh, split, row_tile = _program_ids(ROWS_FIRST)
     rows, qi, row_ok, q = _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh, GROUP,
                                      HEAD_DIM, BLOCK_M)
@@ -213,7 +231,7 @@ def _tree_partial_kernel(
         end = tl.minimum(start + split_len, prefix_len)
         m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
                                        end, qk_scale, stride_kch, stride_kcs, stride_vch,
-                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32)
+                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS)
     else:
         hi = n_new
         if CAUSAL:
@@ -231,12 +249,15 @@ def _tree_partial_kernel(
 def _tree_reduce_kernel(
     po_ptr, pl_ptr, out_ptr, lse_ptr, num_splits,
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h, stride_on, stride_oh, stride_ln,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program per (row, KV head): merge the splits' (out, lse2), BLOCK_S splits at a time.
 
     A program per row (not per row tile) keeps this latency-bound loop short and the grid wide.
+    PDL: launched before the partial kernel ends; waits here until its writes are visible.
     """
+    if PDL:
+        gdc_wait()
     row = tl.program_id(0)
     kvh = tl.program_id(1)
     qi = row // GROUP
@@ -276,6 +297,37 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 1  # the interpreter runs programs one by one: fewer is faster
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: a Hopper-or-newer GPU and a Triton with griddepcontrol
+    (never under the CPU interpreter)."""
+    if device.type != "cuda" or gdc_wait is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
+
+
+def launch_reduce(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, group: int, pdl: bool) -> None:
+    """Merge the partial kernel's splits into out [n, Hq, D] and lse [n, Hq] (natural log).
+    pdl: launch it as a programmatic dependent of the partial kernel (which must have been
+    launched with PDL=True, so that it signals its dependents)."""
+    splits, hkv, rows, _ = part_out.shape
+    extra = {"launch_pdl": True} if pdl else {}
+    _tree_reduce_kernel[(rows, hkv)](
+        part_out, part_lse, out, lse, splits,
+        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
+        GROUP=group, HEAD_DIM=part_out.shape[3],
+        BLOCK_S=min(REDUCE_SPLITS, triton.next_power_of_2(splits)), PDL=pdl, num_warps=4,
+        **extra,
+    )
 
 
 def _plan(cfg: TreeAttentionConfig, n_q: int, group: int, hkv: int, prefix_len: int,
@@ -347,6 +399,7 @@ def launch_hybrid(
     else:
         mask_u8 = part_lse  # never read when CAUSAL
     is_fp32 = q.dtype == torch.float32
+    pdl = cfg.pdl and pdl_supported(q.device)
     _tree_partial_kernel[grid_of(row_tiles, hkv, num_prefix + 1, cfg.rows_first)](
         q, k_cache_layer, v_cache_layer, block_table, k_new, v_new, mask_u8, part_out, part_lse,
         prefix_len, n, k_new.shape[0], q_offset, split_len, num_prefix, scale * _LOG2E,
@@ -355,18 +408,12 @@ def launch_hybrid(
         v_new.stride(0), v_new.stride(1), mask_u8.stride(0),
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PAGE=block_size,
-        CAUSAL=mask is None, IS_FP32=is_fp32, ROWS_FIRST=cfg.rows_first, num_warps=warps,
-        num_stages=cfg.num_stages,
+        CAUSAL=mask is None, IS_FP32=is_fp32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
+        WS=cfg.warp_specialize, num_warps=warps, num_stages=cfg.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)
-    _tree_reduce_kernel[(rows, hkv)](
-        part_out, part_lse, out, lse, num_prefix + 1,
-        part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        GROUP=group, HEAD_DIM=d, BLOCK_S=min(32, triton.next_power_of_2(num_prefix + 1)),
-        num_warps=4,
-    )
+    launch_reduce(part_out, part_lse, out, lse, group, pdl)
     return out, lse
 
 

@@ -103,6 +103,37 @@ def test_bf16_matches_reference() -> None:
     torch.testing.assert_close(lse, want_lse, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA")
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_graph_kernel_in_a_cuda_graph(pdl: bool) -> None:
+    """Captured once, replayed as the device-side length changes: with the reduce launched as a
+    programmatic dependent (an edge of the graph) it still sees every partial."""
+    from lsrt.kernels.attention.triton_graph import (GraphAttentionConfig,
+                                                     paged_hybrid_attention_graph)
+    from lsrt.kernels.attention.triton_tree import pdl_supported
+
+    if pdl and not pdl_supported(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs a Hopper GPU and Triton's gdc ops")
+    case, mask = _case(16, 8, 4, 128, 20000, 16, seed=3, dtype=torch.bfloat16)
+    plen = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    args = {**case, "prefix_len": plen, "mask": mask, "max_prefix": 20000,
+            "config": GraphAttentionConfig(pdl=pdl)}
+    plen.fill_(20000)
+    paged_hybrid_attention_graph(**args)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = paged_hybrid_attention_graph(**args)
+    for length in (20000, 7, 12345, 0):
+        plen.fill_(length)
+        graph.replay()
+        want_out, want_lse = ref.paged_hybrid_attention(**{**case, "prefix_len": length},
+                                                        mask=mask)
+        torch.testing.assert_close(out.float(), want_out.float(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse, want_lse, rtol=1e-2, atol=1e-2)
+
+
 def test_bad_prefix_len_is_rejected() -> None:
     from lsrt.runtime.errors import InvalidRequest
 
