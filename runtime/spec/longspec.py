@@ -17,7 +17,7 @@ from lsrt.runtime.spec.drafter import DraftState
 from lsrt.runtime.spec.longspec_ckpt import (find_bundled_draft, is_own_checkpoint, load_draft,
                                              load_longspec_checkpoint)
 from lsrt.runtime.spec.longspec_layer import POSITIONS, LongSpecDraft, init_from_target
-from lsrt.runtime.spec.longspec_workspace import ENCODE_PAD, LongSpecWorkspace
+from lsrt.runtime.spec.longspec_workspace import CROSS_PAGE, ENCODE_PAD, LongSpecWorkspace
 from lsrt.runtime.spec.tree import DraftTree
 
 # On CUDA a proposal shape is captured in a graph on its 3rd use: a drafter that lives for a
@@ -75,7 +75,7 @@ class LongSpecDrafter:
 
     def __init__(self, runner: ModelRunner, draft: LongSpecDraft | None = None, *,
                  widths: tuple[int, ...] | None = None, use_graphs: bool | None = None,
-                 cross_start: int | None = None,
+                 cross_start: int | None = None, cross_kernel: str | None = None,
                  workspace: LongSpecWorkspace | None = None) -> None:
         if widths is not None and (not widths or any(w < 1 for w in widths)):
             raise ValueError(f"longspec widths must be positive, got {widths}")
@@ -85,7 +85,7 @@ class LongSpecDrafter:
             if draft.cfg.hidden_size != runner.cfg.hidden_size or \
                     draft.cfg.head_dim != runner.cfg.head_dim:
                 raise ValueError("longspec draft was built for another target")
-            workspace = LongSpecWorkspace(runner, draft, cross_start)
+            workspace = LongSpecWorkspace(runner, draft, cross_start, cross_kernel)
         self.ws = workspace  # draft weights, device buffers and graphs (maybe shared)
         self.runner, self.target = runner, runner.model
         self.widths = tuple(widths) if widths is not None else None
@@ -109,11 +109,12 @@ class LongSpecDrafter:
     xk = _shared("xk")
     xv = _shared("xv")
     x_len = _shared("x_len")
+    x_table = _shared("x_table")
     _stage = _shared("_stage")
     _stage_host = _shared("_stage_host")
     _scalars = _shared("_scalars")
     _root_token = _shared("_root_token")
-    _enc_ids = _shared("_enc_ids")
+    _root_enc_ids = _shared("_root_enc_ids")
     _enc_pos = _shared("_enc_pos")
     _graphs = _shared("_graphs")
     _uses = _shared("_uses")
@@ -160,20 +161,23 @@ class LongSpecDrafter:
             return None
         return list(range(self.done, end))
 
-    def _encode_staged(self) -> None:
+    def _encode_staged(self, root_pos: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Encode the staged tokens into the ring (device state only; padded rows, position
-        -1, go to the scratch slot)."""
+        -1, go to the scratch slot), projecting the root in the same pass (one read of the
+        projection weights, not two): returns the root's (x, (q, k, v, cos, sin))."""
         pos = self._enc_pos
         valid = pos >= 0
-        p = pos.clamp(min=0)
-        x = self.target.embed[self._enc_ids]
+        p = torch.cat((root_pos, pos.clamp(min=0)))  # row 0: the root, then the staged rows
+        x = self.target.embed[self._root_enc_ids]
         cos, sin = self.draft.rope(p, x.dtype)
-        _, k, v = self.draft.project_self(x, cos, sin)
+        q, k, v = self.draft.project_self(x, cos, sin)
+        p = p[1:]
         ring = torch.where(p < self.sink, p, self.sink + (p - self.sink) % self.window)
         slots = torch.where(valid, ring, self.scratch)
-        self.k[:, slots] = k.transpose(0, 1)
-        self.v[:, slots] = v.transpose(0, 1)
+        self.k[:, slots] = k[1:].transpose(0, 1)
+        self.v[:, slots] = v[1:].transpose(0, 1)
         self.slot_pos[slots] = torch.where(valid, pos, -1)
+        return x[:1], (q[:1], k[:1], v[:1], cos[:1], sin[:1])
 
     def catch_up(self, end: int) -> None:
         if self.done < min(self.sink, end):
@@ -217,6 +221,9 @@ class LongSpecDrafter:
                 xk[:, :self.x_len] = self.xk[:, :self.x_len]
                 xv[:, :self.x_len] = self.xv[:, :self.x_len]
             self.xk, self.xv = xk, xv
+            if self.ws.cross_kernel == "triton":
+                pages = -(-cap // CROSS_PAGE)
+                self.x_table = torch.arange(pages, dtype=torch.int32, device=xk.device)
             # Graphs captured against the old buffers go, and so does their memory pool: a
             # pool all of whose graphs were released must not be captured into again (the
             # CUDA caching allocator asserts `use_count > 0` when it is re-opened).
@@ -264,10 +271,12 @@ class LongSpecDrafter:
             self.done = root
         self._sync_cross(committed)
         lo = max(self.sink, self.floor, root - self.window)
-        pad = ENCODE_PAD - len(staged)
-        self._stage_host.copy_(torch.tensor(
-            [root, lo, committed, history[-1]] + [history[q] for q in staged] + [0] * pad
-            + staged + [-1] * pad))
+        host, k = self.ws.stage_np, len(staged)  # numpy view of the pinned staging buffer
+        host[:4] = (root, lo, committed, history[-1])
+        host[4:4 + k] = [history[q] for q in staged]
+        host[4 + k:4 + ENCODE_PAD] = 0
+        host[4 + ENCODE_PAD:4 + ENCODE_PAD + k] = staged
+        host[4 + ENCODE_PAD + k:] = -1
         self._stage.copy_(self._stage_host, non_blocking=True)
         vocab = self.head.shape[0]
         sizes = [1]  # nodes per level, known before drafting: no host sync inside the loop
@@ -289,12 +298,13 @@ class LongSpecDrafter:
         synchronisation, so it can be captured in a CUDA graph. Returns (tokens; parents)
         `[2, keep]`: the `keep` likeliest drafted nodes (`_pruned`)."""
         dev = self.target.device
-        self._encode_staged()
         root, lo, committed = self._scalars[0], self._scalars[1], self._scalars[2]
+        root_x, root_projected = self._encode_staged(root.view(1))
         sp = self.slot_pos
         own = (sp >= 0) & (sp < root) & ((sp < self.sink) | (sp >= lo))  # [S] visible slots
         cap = self.xk.shape[1]
         cross_mask = torch.arange(cap, device=dev) < committed  # [cap]: the lag, committed only
+        cross = self._triton_cross(committed) if self.ws.cross_kernel == "triton" else None
         past_k, past_v, s = self.k, self.v, self.k.shape[1]
         vocab, total = self.head.shape[0], sum(sizes)
         # Tree state: token, parent, cumulative log-prob and ancestor-or-self rows of every
@@ -309,12 +319,15 @@ class LongSpecDrafter:
         for depth in range(len(sizes) - 1):
             m = sizes[depth]
             mask = torch.cat([own[None, :].expand(m, s), anc[t:t + m, :t + m]], 1)
-            x = self.target.embed[tokens[t:t + m]]
+            x = root_x if depth == 0 else self.target.embed[tokens[t:t + m]]
             pos = (root + depth).expand(m)
             hidden, k, v = self.draft(x, pos, past_k, past_v, mask, self.xk, self.xv,
-                                      cross_mask[None, :].expand(m, cap), check_empty=False)
-            past_k = torch.cat([past_k, k.transpose(0, 1)], 1)
-            past_v = torch.cat([past_v, v.transpose(0, 1)], 1)
+                                      cross_mask[None, :].expand(m, cap), check_empty=False,
+                                      cross_attend=cross,
+                                      projected=root_projected if depth == 0 else None)
+            if depth + 2 < len(sizes):  # a next level attends to these keys
+                past_k = torch.cat([past_k, k.transpose(0, 1)], 1)
+                past_v = torch.cat([past_v, v.transpose(0, 1)], 1)
             logp = self.draft.linear(hidden, self.head).float().log_softmax(-1)  # [m, V|K]
             scores, idx = (cum[t:t + m, None] + logp).flatten().topk(sizes[depth + 1])
             new = slice(t + m, t + m + sizes[depth + 1])
@@ -328,6 +341,28 @@ class LongSpecDrafter:
         if keep < total:
             return _pruned(tokens, parents, cum, keep)
         return torch.stack((tokens, parents))
+
+    def _triton_cross(self, committed: torch.Tensor):
+        """Cross-attention over the committed positions [0, committed) through the graph-safe
+        split-K Triton kernel (`kernels.attention.triton_graph`; length read on the device):
+        positions [0, committed - 1) as its paged prefix, the last one as every query's single
+        visible "new" key (the kernel's tree part, an identity mask). Returns q -> output."""
+        from lsrt.kernels.attention.triton_graph import paged_hybrid_attention_graph
+
+        last = (committed - 1).view(1)
+        k_last = self.xk.index_select(1, last).transpose(0, 1)  # [1, Hkv, D]
+        v_last = self.xv.index_select(1, last).transpose(0, 1)
+        xk, xv, table, cap, scale = self.xk, self.xv, self.x_table, self.xk.shape[1], \
+            self.draft.scale
+
+        def attend(cq: torch.Tensor) -> torch.Tensor:
+            m = cq.shape[0]
+            eye = torch.eye(m, dtype=torch.bool, device=cq.device)
+            out, _ = paged_hybrid_attention_graph(
+                cq, xk, xv, table, last, k_last.expand(m, -1, -1), v_last.expand(m, -1, -1),
+                eye, scale, CROSS_PAGE, cap)
+            return out
+        return attend
 
     def _replay(self, key: tuple) -> torch.Tensor:
         """Run `_levels` through a CUDA graph captured once per (level sizes, kept nodes,

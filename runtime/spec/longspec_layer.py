@@ -21,6 +21,7 @@ loading and saving live in `longspec_ckpt`; docs/LONGSPEC.md has the checkpoint 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +144,9 @@ class LongSpecDraft(torch.nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor,
                 past_k: torch.Tensor | None, past_v: torch.Tensor | None,
                 self_mask: torch.Tensor | None, cross_k: torch.Tensor, cross_v: torch.Tensor,
-                cross_mask: torch.Tensor | None, check_empty: bool = True
+                cross_mask: torch.Tensor | None, check_empty: bool = True,
+                cross_attend: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                projected: tuple[torch.Tensor, ...] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass of `n` tokens -> (hidden `[n, H]` ready for lm_head, new k, v `[n, Hkv, D]`).
 
@@ -152,10 +155,17 @@ class LongSpecDraft(torch.nn.Module):
         `[Hkv, M, D]` the target's last-layer K/V; cross_mask `[n, M]` (None = all visible).
         Every self-attention row must see its own new key (true of causal and tree masks);
         `check_empty=False` promises the same of the cross mask (no host synchronisation).
+        cross_attend: computes the cross-attention output `[n, Hq, D]` from its queries instead
+        (the drafter's split-K Triton kernel on CUDA; cross_k/v/mask are then not read).
+        projected: x's (q, k, v, cos, sin), already computed by `rope` and `project_self` (the
+        drafter projects its staged encode rows and the root in one pass).
         """
         cfg, ops, lin, n, eps = self.cfg, self.ops, self.linear, x.shape[0], self.cfg.rms_norm_eps
-        cos, sin = self.rope(positions, x.dtype)
-        q, k, v = self.project_self(x, cos, sin)
+        if projected is None:
+            cos, sin = self.rope(positions, x.dtype)
+            q, k, v = self.project_self(x, cos, sin)
+        else:
+            q, k, v, cos, sin = projected
         keys, vals = k.transpose(0, 1), v.transpose(0, 1)
         if past_k is not None:
             keys, vals = torch.cat([past_k, keys], 1), torch.cat([past_v, vals], 1)
@@ -164,7 +174,10 @@ class LongSpecDraft(torch.nn.Module):
         q_norm = (self.q_norm, self.q_norm) if cfg.qk_norm else None
         cq, _, _ = ops.rope_qkv(lin(h, self.ca_q_w, self.ca_q_b), cos, sin, cfg.num_heads,
                                 0, cfg.head_dim, qk_norm=q_norm, eps=eps)
-        a = attend(cq, cross_k, cross_v, cross_mask, self.scale, check_empty)
+        if cross_attend is not None:
+            a = cross_attend(cq)
+        else:
+            a = attend(cq, cross_k, cross_v, cross_mask, self.scale, check_empty)
         x, h = ops.add_rms_norm(x, lin(a.reshape(n, -1), self.ca_o_w), self.mlp_norm, eps)
         m = lin(ops.silu_mul(lin(h, self.gate_up_w)), self.down_w)
         if self.final_norm is not None:

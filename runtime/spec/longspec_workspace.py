@@ -29,6 +29,9 @@ CROSS_START_BYTES = 64 << 20
 # stretch the drafter did not draft) runs eagerly first. `auto` drafts after suffix steps that
 # accepted up to ~16 tokens at once.
 ENCODE_PAD = 32
+# Page size the Triton cross-attention reads the cross buffer with (any power of two works: the
+# buffer is contiguous, its block table the identity).
+CROSS_PAGE = 64
 
 
 class LongSpecWorkspace:
@@ -36,7 +39,7 @@ class LongSpecWorkspace:
     buffer, the staged host inputs and the captured graphs; owned by one drafter at a time."""
 
     def __init__(self, runner: ModelRunner, draft: LongSpecDraft,
-                 cross_start: int | None = None) -> None:
+                 cross_start: int | None = None, cross_kernel: str | None = None) -> None:
         model, cfg = runner.model, runner.cfg
         dev, dtype = model.device, model.dtype
         self.draft = draft.to(device=dev, dtype=dtype).eval()
@@ -67,13 +70,24 @@ class LongSpecWorkspace:
         self.xk: torch.Tensor | None = None
         self.xv: torch.Tensor | None = None
         self.x_len = 0  # positions [0, x_len) of xk/xv are current (for the owner's sequence)
+        # Cross-attention: "sdpa" (masked SDPA over the whole buffer) or "triton" (the graph-safe
+        # split-K tree kernel over [0, committed), the buffer read as identity pages of
+        # CROSS_PAGE positions, `x_table`); None: "triton" where the target's attention is.
+        kernel = cross_kernel or ("triton" if runner.config.attention == "triton" else "sdpa")
+        if kernel not in ("sdpa", "triton"):
+            raise ValueError(f"longspec cross_kernel must be sdpa or triton, got {kernel!r}")
+        self.cross_kernel = kernel
+        self.x_table: torch.Tensor | None = None
         # What a proposal reads from the host, staged in one copy: root, lo, committed, the
         # root token, then ENCODE_PAD token ids and positions to encode (position -1: none).
         self._stage = torch.zeros(4 + 2 * ENCODE_PAD, dtype=torch.long, device=dev)
         self._stage_host = torch.zeros(self._stage.shape, dtype=torch.long,
                                        pin_memory=dev.type == "cuda")
+        # Written through numpy (cheaper per proposal than building a tensor). Safe to reuse:
+        # each proposal reads its tree back (a synchronisation) before the next one stages.
+        self.stage_np = self._stage_host.numpy()
         self._scalars, self._root_token = self._stage[:3], self._stage[3:4]
-        self._enc_ids = self._stage[4:4 + ENCODE_PAD]
+        self._root_enc_ids = self._stage[3:4 + ENCODE_PAD]  # the root token, then staged ids
         self._enc_pos = self._stage[4 + ENCODE_PAD:]
         self._graphs: dict[tuple, tuple] = {}  # (level sizes, capacity) -> graph, outputs
         self._uses: dict[tuple, int] = {}  # proposals per key (short runs stay eager)

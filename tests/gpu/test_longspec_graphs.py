@@ -1,5 +1,6 @@
 """LongSpec proposals replayed from CUDA graphs equal the same proposals run eagerly, for a tree
-within the node budget and for one pruned to it (tiny random-weight target, fp32; the real
+within the node budget and for one pruned to it, with either cross-attention kernel, while the
+cross buffer grows (tiny random-weight target, fp32; the real
 model's graphed proposals: tests/gpu/test_gpu_smollm2.py)."""
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
+@pytest.mark.parametrize("cross", ["sdpa", "triton"])
 @pytest.mark.parametrize("widths", [(4, 3, 2, 2, 2, 2), (4, 8, 8, 8)], ids=["fits", "pruned"])
-def test_graphed_proposals_equal_eager(tmp_path, widths):
+def test_graphed_proposals_equal_eager(tmp_path, widths, cross):
     from lsrt.runtime.model import load_model
     from lsrt.runtime.runner import ModelRunner, RunnerConfig
     from lsrt.runtime.spec.longspec import LongSpecDrafter
@@ -25,8 +27,9 @@ def test_graphed_proposals_equal_eager(tmp_path, widths):
                          RunnerConfig(device="cuda", kv_budget_mb=16, block_size=8))
     draft = init_from_target(runner.model, LongSpecConfig(sink=4, window=16))
     perturb(draft, 3)  # a draft that is not a copy of the last layer
-    graphed = LongSpecDrafter(runner, draft, widths=widths)
-    eager = LongSpecDrafter(runner, draft, widths=widths, use_graphs=False)
+    graphed = LongSpecDrafter(runner, draft, widths=widths, cross_kernel=cross, cross_start=64)
+    eager = LongSpecDrafter(runner, draft, widths=widths, use_graphs=False, cross_kernel=cross,
+                            cross_start=64)
     assert graphed.use_graphs
     ids = repetitive_prompt(runner.cfg.vocab_size, 200, seed=5)
     seq = runner.new_sequence()
