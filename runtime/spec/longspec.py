@@ -112,6 +112,7 @@ class LongSpecDrafter:
     x_table = _shared("x_table")
     _stage = _shared("_stage")
     _stage_host = _shared("_stage_host")
+    _stage_np = _shared("_stage_np")
     _scalars = _shared("_scalars")
     _root_token = _shared("_root_token")
     _root_enc_ids = _shared("_root_enc_ids")
@@ -271,7 +272,7 @@ class LongSpecDrafter:
             self.done = root
         self._sync_cross(committed)
         lo = max(self.sink, self.floor, root - self.window)
-        host, k = self.ws.stage_np, len(staged)  # numpy view of the pinned staging buffer
+        host, k = self._stage_np, len(staged)  # numpy view of the pinned staging buffer
         host[:4] = (root, lo, committed, history[-1])
         host[4:4 + k] = [history[q] for q in staged]
         host[4 + k:4 + ENCODE_PAD] = 0
@@ -303,8 +304,9 @@ class LongSpecDrafter:
         sp = self.slot_pos
         own = (sp >= 0) & (sp < root) & ((sp < self.sink) | (sp >= lo))  # [S] visible slots
         cap = self.xk.shape[1]
-        cross_mask = torch.arange(cap, device=dev) < committed  # [cap]: the lag, committed only
         cross = self._triton_cross(committed) if self.ws.cross_kernel == "triton" else None
+        # SDPA's mask [cap]: the lag, committed positions only (the Triton kernel reads the length)
+        cross_mask = None if cross else torch.arange(cap, device=dev) < committed
         past_k, past_v, s = self.k, self.v, self.k.shape[1]
         vocab, total = self.head.shape[0], sum(sizes)
         # Tree state: token, parent, cumulative log-prob and ancestor-or-self rows of every
@@ -321,8 +323,9 @@ class LongSpecDrafter:
             mask = torch.cat([own[None, :].expand(m, s), anc[t:t + m, :t + m]], 1)
             x = root_x if depth == 0 else self.target.embed[tokens[t:t + m]]
             pos = (root + depth).expand(m)
-            hidden, k, v = self.draft(x, pos, past_k, past_v, mask, self.xk, self.xv,
-                                      cross_mask[None, :].expand(m, cap), check_empty=False,
+            rows = None if cross_mask is None else cross_mask[None, :].expand(m, cap)
+            hidden, k, v = self.draft(x, pos, past_k, past_v, mask, self.xk, self.xv, rows,
+                                      check_empty=False,
                                       cross_attend=cross,
                                       projected=root_projected if depth == 0 else None)
             if depth + 2 < len(sizes):  # a next level attends to these keys

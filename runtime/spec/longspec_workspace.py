@@ -85,7 +85,7 @@ class LongSpecWorkspace:
                                        pin_memory=dev.type == "cuda")
         # Written through numpy (cheaper per proposal than building a tensor). Safe to reuse:
         # each proposal reads its tree back (a synchronisation) before the next one stages.
-        self.stage_np = self._stage_host.numpy()
+        self._stage_np = self._stage_host.numpy()
         self._scalars, self._root_token = self._stage[:3], self._stage[3:4]
         self._root_enc_ids = self._stage[3:4 + ENCODE_PAD]  # the root token, then staged ids
         self._enc_pos = self._stage[4 + ENCODE_PAD:]
