@@ -42,7 +42,6 @@ class GraphAttentionConfig:
     rows_first: bool = True         # grid order, see `triton_tree`
     pdl: bool = False               # early reduce launch where supported, see there
     warp_specialize: bool = False   # see `triton_tree.TreeAttentionConfig`
-    lazy_rescale: bool = False      # likewise
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -64,7 +63,7 @@ def _graph_partial_kernel(
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
-    ROWS_FIRST: tl.constexpr, PDL: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr,
+    ROWS_FIRST: tl.constexpr, PDL: tl.constexpr, WS: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
@@ -82,7 +81,7 @@ def _graph_partial_kernel(
         end = tl.minimum(start + split_len, prefix_len)  # <= start: an empty partial
         m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
                                        end, qk_scale, stride_kch, stride_kcs, stride_vch,
-                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS, LAZY)
+                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS)
     else:  # the tree: n_q new keys under the mask
         m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
                                     n_q, n_q, 0, qk_scale, stride_knn, stride_knh, stride_vnn,
@@ -171,8 +170,7 @@ def paged_hybrid_attention_graph(
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         MIN_SPLIT=cfg.min_split_tiles * cfg.block_n, PAGE=block_size,
         IS_FP32=q.dtype == torch.float32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
-        WS=cfg.warp_specialize, LAZY=cfg.lazy_rescale, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        WS=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)

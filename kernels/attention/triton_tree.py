@@ -35,8 +35,6 @@ _LOG2E = 1.4426950408889634
 # The reduce merges up to this many splits per loop iteration: one pass for every default plan
 # (2 waves x 132 SMs / 8 KV heads = 33 prefix splits + the tree on an H100).
 REDUCE_SPLITS = 64
-# Lazy rescaling lets a row's scores run up to 2^RESCALE_SLACK above its recorded max.
-RESCALE_SLACK: tl.constexpr = tl.constexpr(8.0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,7 +53,6 @@ class TreeAttentionConfig:
     pdl: bool = False
     warp_specialize: bool = False  # Triton's warp-specialised pipelining of the prefix loop
     #                                (also no gain measured there)
-    lazy_rescale: bool = False   # prefix loop: `_online_update_lazy` instead of `_online_update`
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -78,36 +75,12 @@ def _online_update(s, v, m_i, l_i, acc, qk_scale, IS_FP32: tl.constexpr):
     p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None]
-    if IS_FP32:  # accumulate into acc (no separate product tile to add)
-        acc = tl.dot(p, v, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return m_new, l_i, acc
-
-
-@triton.jit
-def _online_update_lazy(s, v, m_i, l_i, acc, qk_scale, IS_FP32: tl.constexpr):
-    """`_online_update` that rescales the accumulator only when some row's running max grows
-    by more than RESCALE_SLACK (log2 units) over the max it was last scaled to (FlashAttention-4's
-    trick): otherwise p = exp2(s * scale - m_i) just runs up to 2^RESCALE_SLACK, which fp32 (and
-    bf16 for P @ V) holds exactly as well, and the final acc / l is unchanged. Saves a multiply
-    of the whole [BLOCK_M, HEAD_DIM] accumulator and an exponential per row on most tiles."""
-    m_tile = tl.max(s, axis=1) * qk_scale
-    grow = tl.where(m_tile > m_i, m_tile - m_i, 0.0)  # +inf where m_i is still -inf
-    if tl.max(grow, axis=0) > RESCALE_SLACK:
-        m_new = tl.maximum(m_i, m_tile)
-        alpha = tl.math.exp2(m_i - tl.where(m_new == float("-inf"), 0.0, m_new))
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        m_i = m_new
-    p = tl.math.exp2(s * qk_scale - tl.where(m_i == float("-inf"), 0.0, m_i)[:, None])
-    l_i = l_i + tl.sum(p, axis=1)
     if IS_FP32:
-        acc = tl.dot(p, v, acc, input_precision="ieee")
+        pv = tl.dot(p, v, input_precision="ieee")
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return m_i, l_i, acc
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -150,7 +123,7 @@ def _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh, GROUP: tl.conste
 @triton.jit
 def _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end, qk_scale, stride_kcs,
                  stride_vcs, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
-                 MASKED: tl.constexpr, IS_FP32: tl.constexpr, LAZY: tl.constexpr):
+                 MASKED: tl.constexpr, IS_FP32: tl.constexpr):
     """One key tile at prefix positions [n0, n0 + BLOCK_N); MASKED: some may be >= end."""
     d = tl.arange(0, HEAD_DIM)
     pos = n0 + tl.arange(0, BLOCK_N)
@@ -169,8 +142,6 @@ def _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end, qk_scale, 
         k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :])
         v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :])
         s = _qk(q, k, IS_FP32)
-    if LAZY:
-        return _online_update_lazy(s, v, m_i, l_i, acc, qk_scale, IS_FP32)
     return _online_update(s, v, m_i, l_i, acc, qk_scale, IS_FP32)
 
 
@@ -178,7 +149,7 @@ def _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end, qk_scale, 
 def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start, end, qk_scale,
                    stride_kch, stride_kcs, stride_vch, stride_vcs, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
-                   WS: tl.constexpr, LAZY: tl.constexpr):
+                   WS: tl.constexpr):
     """Online softmax over prefix positions [start, end) of this KV head, read through the
     block table (every query sees the whole prefix). Whole tiles load and score without
     bounds masks; only a partial last tile is masked. WS: Triton warp-specialises the loop
@@ -189,11 +160,11 @@ def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start, end, qk
     for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
         m_i, l_i, acc = _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end,
                                      qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N, PAGE,
-                                     False, IS_FP32, LAZY)
+                                     False, IS_FP32)
     if full_end < end:
         m_i, l_i, acc = _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, full_end,
                                      end, qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N,
-                                     PAGE, True, IS_FP32, LAZY)
+                                     PAGE, True, IS_FP32)
     return m_i, l_i, acc
 
 
@@ -245,7 +216,7 @@ def _tree_partial_kernel(
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, ROWS_FIRST: tl.constexpr,
-    PDL: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr,
+    PDL: tl.constexpr, WS: tl.constexpr,
 ):
     if PDL:  # the reduce may launch now; its gdc_wait still waits for this whole grid
         gdc_launch_dependents()
@@ -260,7 +231,7 @@ def _tree_partial_kernel(
         end = tl.minimum(start + split_len, prefix_len)
         m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
                                        end, qk_scale, stride_kch, stride_kcs, stride_vch,
-                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS, LAZY)
+                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS)
     else:
         hi = n_new
         if CAUSAL:
@@ -438,8 +409,7 @@ def launch_hybrid(
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PAGE=block_size,
         CAUSAL=mask is None, IS_FP32=is_fp32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
-        WS=cfg.warp_specialize, LAZY=cfg.lazy_rescale, num_warps=warps,
-        num_stages=cfg.num_stages,
+        WS=cfg.warp_specialize, num_warps=warps, num_stages=cfg.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)

@@ -67,30 +67,6 @@ def test_tree_kernel_several_row_tiles_either_grid_order(rows_first: bool) -> No
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("ramp", [0.0, 0.05, -0.05], ids=["flat", "rising", "falling"])
-def test_lazy_rescale_matches_reference_fp32(ramp: float) -> None:
-    """Lazy rescaling (the accumulator rescaled only when a row's max grows by more than the
-    slack) gives the reference's output and LSE. Scores scaled by 1 + ramp x position make the
-    max keep rising tile after tile ("rising": rescales mid-split, many times) or set it in the
-    first tile ("falling": never again); five splits of three whole tiles and a partial one."""
-    from lsrt.kernels.attention.triton_tree import TreeAttentionConfig, paged_hybrid_attention
-
-    gen = torch.Generator().manual_seed(77)
-    case = paged_case(n=6, hkv=2, group=2, d=32, prefix_len=5 * 56 - 9, block_size=8, gen=gen,
-                      device=DEVICE)
-    # Slot of every prefix position (through the block table), to scale its key by the ramp.
-    pos = torch.arange(case["prefix_len"])
-    slots = case["block_table"].cpu().long()[pos // 8] * 8 + pos % 8
-    grow = (1 + ramp * pos.float()).clamp(min=0.05)
-    case["k_cache_layer"][:, slots.to(DEVICE)] *= grow.to(DEVICE)[None, :, None]
-    mask = tree_mask(6, gen).to(DEVICE)
-    want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
-    cfg = TreeAttentionConfig(block_n=16, split_len=64, lazy_rescale=True)
-    out, lse = paged_hybrid_attention(**case, mask=mask, config=cfg)
-    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
-
-
 def test_prefill_kernel_chunks_queries_causally() -> None:
     gen = torch.Generator().manual_seed(11)
     case = paged_case(n=40, hkv=2, group=2, d=64, prefix_len=50, block_size=16, gen=gen,
@@ -125,16 +101,12 @@ def test_tree_kernel_bf16_long_context(length: int, n: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("pdl,warp_specialize,lazy",
-                         [(False, False, False), (True, False, False), (False, True, False),
-                          (True, True, False), (False, False, True), (True, True, True)],
-                         ids=["plain", "pdl", "ws", "pdl-ws", "lazy", "pdl-ws-lazy"])
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+@pytest.mark.parametrize("warp_specialize", [False, True], ids=["", "ws"])
 @pytest.mark.parametrize("n", [16, 64])
-def test_tree_kernel_launch_variants_bf16(pdl: bool, warp_specialize: bool, lazy: bool,
-                                          n: int) -> None:
-    """The reduce launched early (programmatic dependent launch), the warp-specialised prefix
-    loop and lazy rescaling give the reference's result, like the plain launch (32K + 77: a
-    partial last tile)."""
+def test_tree_kernel_launch_variants_bf16(pdl: bool, warp_specialize: bool, n: int) -> None:
+    """The reduce launched early (programmatic dependent launch) and the warp-specialised prefix
+    loop give the reference's result, like the plain launch (32K + 77: a partial last tile)."""
     from lsrt.kernels.attention.triton_tree import (TreeAttentionConfig, paged_hybrid_attention,
                                                     pdl_supported)
 
@@ -144,7 +116,7 @@ def test_tree_kernel_launch_variants_bf16(pdl: bool, warp_specialize: bool, lazy
     case = paged_case(n=n, hkv=8, group=4, d=128, prefix_len=32768 + 77, block_size=16,
                       gen=gen, dtype=torch.bfloat16, device="cuda")
     mask = tree_mask(n, gen).cuda()
-    cfg = TreeAttentionConfig(pdl=pdl, warp_specialize=warp_specialize, lazy_rescale=lazy)
+    cfg = TreeAttentionConfig(pdl=pdl, warp_specialize=warp_specialize)
     want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
     for _ in range(3):  # repeated launches: a reduce that ran ahead of its inputs would show
         out, lse = paged_hybrid_attention(**case, mask=mask, config=cfg)
