@@ -4,7 +4,7 @@ transformers' `generate` (plain, prompt lookup, assistant model), same turns, sa
     python bench/spec_cpu.py [--model smollm2-135m] [--traces FILE ...] [--max-traces 3]
         [--turns-per-trace 3] [--max-new 48] [--max-context 6144] [--max-chars 6000]
         [--configs none suffix self auto] [--hf plain lookup assisted] [--draft-model NAME]
-        [--profile CONFIG] [--skip-traces N]
+        [--profile CONFIG] [--skip-traces N] [--device cuda] [--dtype float32]
 
 A config may end in `#W1,W2,...`: the longspec tree widths for that config (e.g.
 `longspec#2,2,2,2,2,2`), or `#nomerge` (`auto` without its merged suffix + model arm). `--skip-traces 3` replays held-in traces only (`lsrt train-draft`
@@ -62,6 +62,18 @@ class Tally:
     @property
     def tps(self) -> float:
         return self.new_tokens / self.decode_s if self.decode_s else 0.0
+
+    def add(self, other: Tally) -> None:
+        """Add another tally's totals (counts, times, modes and situations) to this one."""
+        for name in ("turns", "new_tokens", "decode_s", "steps", "emitted", "drafted",
+                     "prefill_tokens", "prefill_s"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mode, n in other.modes.items():
+            self.modes[mode] = self.modes.get(mode, 0) + n
+        for key, row in other.situations.items():
+            acc = self.situations.setdefault(key, [0, 0, 0.0])
+            for i, x in enumerate(row):
+                acc[i] += x
 
 
 class LsrtRun:
@@ -217,6 +229,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu",
                     help="cpu (float32) or cuda (bfloat16, CUDA graphs; use --hf with none)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="the model's dtype (default: float32 on cpu, bfloat16 on cuda). "
+                         "float32 on cuda keeps every configuration's output identical to "
+                         "plain decoding (bf16 near-ties flip between a decode and a verify, "
+                         "after which the configurations generate different text)")
     args = ap.parse_args(argv)
     if args.configs is None:
         args.configs = ["none", "suffix", "self", "auto"]
@@ -262,6 +279,10 @@ def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
     traces = load_traces(path, limit=args.skip_traces + args.max_traces)[args.skip_traces:]
     names = [f"lsrt {c}" for c in args.configs] + [f"hf {k}" for k in args.hf]
     tallies = {n: Tally() for n in names}
+    # The same, over the turns where every lsrt config's output equals lsrt none's (in bf16,
+    # near-ties flip between a decode and a verify and the texts then differ, so whole-run
+    # speeds compare different texts; these compare the same ones).
+    same_text = {f"lsrt {c}": Tally() for c in args.configs}
     ok = True
     same_hf = compared_hf = 0
     for trace in traces:
@@ -272,19 +293,29 @@ def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
         try:
             for turn in turns:
                 out: dict[str, list[int]] = {}
+                this_turn = {name: Tally() for name in same_text}
                 for c, run in runs.items():
-                    out[f"lsrt {c}"] = run.turn(turn, args.max_new, tallies[f"lsrt {c}"],
+                    out[f"lsrt {c}"] = run.turn(turn, args.max_new, this_turn[f"lsrt {c}"],
                                                 prof if c == args.profile else None)
+                    tallies[f"lsrt {c}"].add(this_turn[f"lsrt {c}"])
                 for k in args.hf:
                     out[f"hf {k}"] = hf_turn(hf_models["target"], k, turn.prompt_ids,
                                              args.max_new, tallies[f"hf {k}"],
                                              hf_models.get("draft"))
                 ref = out["lsrt none"]
+                turn_ok = True
                 for c in args.configs:
-                    if out[f"lsrt {c}"] != ref:
-                        ok = False
-                        print(f"MISMATCH {Path(path).name} {trace.id} turn {turn.turn} lsrt {c}"
-                              f": {out[f'lsrt {c}']} vs none {ref}", flush=True)
+                    got = out[f"lsrt {c}"]
+                    if got != ref:
+                        ok = turn_ok = False
+                        at = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b),
+                                  min(len(got), len(ref)))
+                        print(f"MISMATCH {Path(path).name} {trace.id} turn {turn.turn} lsrt {c}: "
+                              f"differs from lsrt none at token {at} of {len(ref)} "
+                              f"({got[at:at + 4]} vs {ref[at:at + 4]})", flush=True)
+                if turn_ok:
+                    for name, t in this_turn.items():
+                        same_text[name].add(t)
                 if "hf plain" in out:
                     compared_hf += 1
                     same_hf += out["hf plain"] == ref
@@ -295,6 +326,10 @@ def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
                 run.close()
     title = f"{llm.name} on {Path(path).name} ({len(traces)} traces)"
     text = table(title, tallies)
+    if not ok:
+        matched = same_text["lsrt none"].turns
+        text += "\n\n" + table(f"the same, on the {matched} of {tallies['lsrt none'].turns} turns "
+                                f"where every lsrt config's output equals lsrt none's", same_text)
     if compared_hf:
         text += (f"\n\nlsrt none == transformers plain greedy on {same_hf}/{compared_hf} turns; "
                  f"all lsrt configs == lsrt none: {'yes' if ok else 'NO (MISMATCH)'}")
@@ -308,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     from lsrt.runtime.llm import LLM
     from lsrt.runtime.runner import RunnerConfig
 
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     print("command: python " + shlex.join(sys.argv))
     print(f"load average at start: {os.getloadavg()}; torch threads {torch.get_num_threads()}; "
-          f"device {args.device}")
-    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+          f"device {args.device}, {dtype}")
     llm = LLM.load(args.model, RunnerConfig(kv_budget_mb=3072, device=args.device, dtype=dtype),
                    progress=False)
     llm.engine.eos_ids = ()  # benchmark only: every engine generates exactly --max-new tokens
