@@ -1,0 +1,51 @@
+"""bench/kernel_compile.py: the tree kernel compiled for an H100 without one (Triton's compiler
+and the wheel's ptxas), reported as registers, spills, shared memory and operand placement."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[3] / "bench"
+
+pytest.importorskip("triton")  # the compiler alone: no GPU, no interpreter
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    # In a subprocess: the kernel tests' conftest sets TRITON_INTERPRET=1 for this process,
+    # and an interpreted kernel cannot be compiled.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(BENCH / "kernel_compile.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_reports_the_sm90_build_of_the_shipped_tile(tmp_path):
+    run = _run("--arch", "90", "--keep", str(tmp_path))
+    if run.returncode and "no ptxas in the Triton wheel" in run.stderr:
+        pytest.skip(run.stderr.strip().splitlines()[-1])  # its assemblers refuse its own PTX
+    assert run.returncode == 0, run.stderr
+    rows = {}
+    for line in run.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 2 and cells[0] not in ("what", "---"):
+            rows[cells[0]] = cells[1]
+    assert 32 <= int(rows["registers per thread"]) <= 255
+    assert int(rows["shared memory (bytes)"]) > 0
+    assert int(rows["wgmma instructions in the PTX (Hopper)"]) > 0
+    # Q @ K^T takes Q from shared memory; P @ V takes P from registers.
+    in_smem, in_regs = (int(x) for x in
+                        rows["matrix products with A in shared memory / registers"].split(" / "))
+    assert in_smem > 0 and in_regs > 0
+    assert "warp_group_dot" in (tmp_path / "tree_partial.ttgir").read_text()
+    assert ".target sm_90a" in (tmp_path / "tree_partial.ptx").read_text()
+
+
+def test_refuses_to_run_under_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, str(BENCH / "kernel_compile.py")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "TRITON_INTERPRET" in run.stderr
