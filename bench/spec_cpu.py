@@ -154,7 +154,7 @@ def hf_turn(hf, kind: str, ids: list[int], max_new: int, tally: Tally, draft=Non
     extra = {"plain": {}, "lookup": {"prompt_lookup_num_tokens": 10},
              "assisted": {"assistant_model": draft}}[kind]
     timer = FirstTokenTimer()
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=hf.device)
     with torch.inference_mode():
         t0 = time.perf_counter()
         out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
@@ -171,11 +171,12 @@ def hf_turn(hf, kind: str, ids: list[int], max_new: int, tally: Tally, draft=Non
     return new
 
 
-def load_hf(model_dir: Path):
+def load_hf(model_dir: Path, device: str = "cpu", dtype: str = "float32"):
+    """transformers' model on the device and in the dtype lsrt runs in (a fair baseline)."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
-                                              attn_implementation="sdpa").eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                              attn_implementation="sdpa").eval().to(device)
     hf.generation_config.eos_token_id = None  # same token count for every engine
     hf.generation_config.pad_token_id = 0
     return hf
@@ -222,13 +223,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="lsrt drafter specs (default: none suffix self auto, plus "
                          "model:/auto:<draft-model> when --draft-model is given)")
     ap.add_argument("--hf", nargs="*", default=None, choices=HF_KINDS,
-                    help="transformers variants (default: plain lookup, plus assisted with "
-                         "--draft-model)")
+                    help="transformers variants, run on the same device in the same dtype "
+                         "(default on the CPU: plain lookup, plus assisted with --draft-model; "
+                         "on CUDA: none)")
     ap.add_argument("--draft-model", default=None)
     ap.add_argument("--profile", default=None, help="cProfile this lsrt config's decoding")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu",
-                    help="cpu (float32) or cuda (bfloat16, CUDA graphs; use --hf with none)")
+                    help="cpu (float32) or cuda (bfloat16, CUDA graphs)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                     help="the model's dtype (default: float32 on cpu, bfloat16 on cuda). "
                          "float32 on cuda keeps every configuration's output identical to "
@@ -241,8 +243,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             args.configs += [f"model:{args.draft_model}", f"auto:{args.draft_model}"]
     if "none" not in args.configs:
         args.configs.insert(0, "none")
-    if args.hf is None:
-        args.hf = ["plain", "lookup"] + (["assisted"] if args.draft_model else [])
+    if args.hf is None:  # on CUDA transformers' loops take most of a run's time: ask for them
+        args.hf = [] if args.device.startswith("cuda") else (
+            ["plain", "lookup"] + (["assisted"] if args.draft_model else []))
     if "assisted" in args.hf and not args.draft_model:
         ap.error("--hf assisted needs --draft-model")
     return args
@@ -352,11 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     llm.engine.eos_ids = ()  # benchmark only: every engine generates exactly --max-new tokens
     hf_models = {}
     if args.hf:
-        hf_models["target"] = load_hf(llm.model_dir)
+        hf_models["target"] = load_hf(llm.model_dir, args.device, dtype)
         if args.draft_model:
             from lsrt.runtime.models import resolve_model
 
-            hf_models["draft"] = load_hf(resolve_model(args.draft_model, progress=False))
+            hf_models["draft"] = load_hf(resolve_model(args.draft_model, progress=False),
+                                         args.device, dtype)
     warm_up(llm, hf_models, args)
     prof = cProfile.Profile() if args.profile else None
     all_ok = True
