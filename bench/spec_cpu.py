@@ -235,7 +235,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the model's dtype (default: float32 on cpu, bfloat16 on cuda). "
                          "float32 on cuda keeps every configuration's output identical to "
                          "plain decoding (bf16 near-ties flip between a decode and a verify, "
-                         "after which the configurations generate different text)")
+                         "after which the configurations generate different text): compare "
+                         "acceptance there, not speed (its tree verify is slow)")
     args = ap.parse_args(argv)
     if args.configs is None:
         args.configs = ["none", "suffix", "self", "auto"]
