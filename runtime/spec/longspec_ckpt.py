@@ -126,6 +126,30 @@ def save_draft(draft: LongSpecDraft, out_dir: str | Path, extra: dict | None = N
     (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
+def export_draft(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+                 extra: dict | None = None) -> int:
+    """Copy a `save_draft` directory with its floating-point tensors cast to `dtype` (how a
+    trained draft is shipped); integer tensors (`vocab_ids`) are copied as they are. `extra`
+    is merged into the config. Returns the number of parameters written."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    src, out = Path(src_dir), Path(out_dir)
+    if not is_own_checkpoint(src):
+        raise ValueError(f"{src}: not an lsrt longspec draft directory")
+    state = load_file(str(src / "draft.safetensors"))
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
+               for k, v in state.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "draft.safetensors.tmp"))
+    (out / "draft.safetensors.tmp").replace(out / "draft.safetensors")
+    meta = json.loads((src / "config.json").read_text())
+    meta.update({"dtype": str(dtype).removeprefix("torch."), **(extra or {})})
+    (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return sum(v.numel() for k, v in tensors.items() if v.is_floating_point())
+
+
 def is_own_checkpoint(path: str | Path) -> bool:
     import json
 
@@ -149,6 +173,9 @@ def load_draft(path: str | Path, target_cfg: ModelConfig) -> LongSpecDraft:
                                                      final_norm=meta["final_norm"]))
     state = load_file(str(Path(path) / "draft.safetensors"))
     if "vocab_ids" in state:
+        if state["vocab_ids"].is_floating_point():
+            raise ValueError(f"{path}: vocab_ids are {state['vocab_ids'].dtype}, not integer "
+                             "token ids (a cast of the whole state dict; use export_draft)")
         draft.set_draft_vocab(state["vocab_ids"])
     draft.load_state_dict(state)
     return draft

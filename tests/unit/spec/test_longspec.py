@@ -4,6 +4,8 @@ published layer (no download)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -314,6 +316,33 @@ def test_draft_vocabulary(tiny, tmp_path):
         part.draft.set_draft_vocab(torch.tensor([0, 0]))
     with pytest.raises(ValueError):
         part.draft.set_draft_vocab(torch.tensor([vocab]))
+
+
+def test_export_casts_weights_and_keeps_vocab_ids(tiny, tmp_path):
+    """`export_draft` (how a trained draft is shipped) casts the weights to bf16 and copies the
+    integer `vocab_ids` unchanged; the exported draft loads and proposes from the same ids. A
+    state dict cast whole (ids turned into bf16, the bug this guards) is refused on load."""
+    from safetensors.torch import load_file, save_file
+
+    from lsrt.runtime.spec.longspec_ckpt import export_draft, load_draft, save_draft
+
+    vocab = tiny.runner.cfg.vocab_size
+    keep = torch.arange(3, vocab, 7)  # ids above bf16's exact-integer range where vocab > 256
+    draft = _vocab_drafter(tiny, (2, 3), keep).draft
+    save_draft(draft, tmp_path / "run")
+    written = export_draft(tmp_path / "run", tmp_path / "out", extra={"note": "x"})
+    state = load_file(str(tmp_path / "out" / "draft.safetensors"))
+    assert state["vocab_ids"].dtype == torch.int64 and torch.equal(state["vocab_ids"], keep)
+    assert all(v.dtype == torch.bfloat16 for k, v in state.items() if k != "vocab_ids")
+    assert written == sum(v.numel() for k, v in state.items() if k != "vocab_ids")
+    meta = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert meta["dtype"] == "bfloat16" and meta["note"] == "x"
+    loaded = load_draft(tmp_path / "out", tiny.runner.cfg)
+    assert torch.equal(loaded.vocab_ids, keep)
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()},
+              str(tmp_path / "out" / "draft.safetensors"))
+    with pytest.raises(ValueError, match="not integer"):
+        load_draft(tmp_path / "out", tiny.runner.cfg)
 
 
 def test_cross_buffer_grows_and_follows_rollback(smollm2_dir, tmp_path):
