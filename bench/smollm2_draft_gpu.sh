@@ -14,6 +14,8 @@
 #   bench/smollm2_draft_gpu.sh gen2    # first 6 turns of every other held-in trace
 #   bench/smollm2_draft_gpu.sh gen3    # the next 6
 #   bench/smollm2_draft_gpu.sh more    # continue the shipped draft (RUN_NAME, GEN_FILES)
+#   NAME=gen4 SKIP_TURNS=12 TURNS=12 bench/smollm2_draft_gpu.sh gen-turns
+#                                      # any range of turns (DEVICE=cpu works: ~20 tok/s, 2 cores)
 #
 # The shipped draft's last two stages: `gen2`, then `MINUTES=4 more` and `MINUTES=7.3 more`
 # (it resumes; 2600 steps); that draft copied into runtime/drafts/, then `gen3` and
@@ -44,17 +46,9 @@ COMMON=(--target "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --kl 1 --ce 0 --ma
 export_bf16() {  # $1: run dir -> $OUT/draft (bf16 weights + config)
     [ -n "${OUT:-}" ] || return 0
     mkdir -p "$OUT/draft"
-    "$PY" - "$1" "$OUT/draft" <<'EOF'
-import json, shutil, sys
-from pathlib import Path
-from safetensors.torch import load_file, save_file
-import torch
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-w = {k: v.to(torch.bfloat16).contiguous() for k, v in load_file(src / "draft.safetensors").items()}
-save_file(w, dst / "draft.safetensors")
-shutil.copy(src / "config.json", dst / "config.json")
-print("exported", sum(v.numel() for v in w.values()), "parameters (bf16) to", dst)
-EOF
+    "$PY" -c 'import sys; from lsrt.runtime.spec.longspec_ckpt import export_draft
+print("exported", export_draft(sys.argv[1], sys.argv[2]), "parameters (bf16) to", sys.argv[2])' \
+        "$1" "$OUT/draft"
 }
 
 case "$STAGE" in
@@ -76,6 +70,12 @@ gen2|gen3)
         --out "$WORK/$STAGE.pt" --holdout 3 --exclude-traces 13:16 --skip-turns $SKIP \
         --turns-per-trace 6 --max-new 256 --keep-context 1024 --max-minutes "${GEN_MINUTES:-2.5}" \
         --no-progress
+    ;;
+gen-turns)
+    "$PY" -m lsrt.runtime.training.selfgen --target "$MODEL" --device "$DEVICE" --traces "${TRACES[@]}" \
+        --out "$WORK/${NAME:?NAME=genN}.pt" --holdout 3 --exclude-traces 13:16 \
+        --skip-turns "${SKIP_TURNS:-0}" --turns-per-trace "${TURNS:-6}" --max-new 256 \
+        --keep-context 1024 --max-minutes "${GEN_MINUTES:-2.5}" --no-progress
     ;;
 more)
     RUN="$WORK/runs/${RUN_NAME:-more}"
