@@ -40,7 +40,7 @@ def compile_kernel(args: argparse.Namespace):
     names = list(inspect.signature(kernel.fn).parameters)
     const = dict(GROUP=args.group, HEAD_DIM=args.head_dim, BLOCK_M=args.block_m,
                  BLOCK_N=args.block_n, PAGE=16, CAUSAL=False, IS_FP32=False, ROWS_FIRST=True,
-                 PDL=False, WS=False)
+                 PDL=False, WS=False, PREFETCH=args.prefetch_pages)
     signature = {}
     for name in names:
         if name in POINTERS:
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-stages", type=int, default=2)
     parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
     parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--prefetch-pages", action="store_true",
+                        help="TreeAttentionConfig.prefetch_pages")
     parser.add_argument("--keep", default=None, help="a folder for the TTGIR and PTX")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

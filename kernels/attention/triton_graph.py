@@ -24,7 +24,7 @@ import triton.language as tl
 
 from lsrt.kernels.attention.triton_tree import (
     _LOG2E, _attend_new, _attend_prefix, _load_rows, _num_sms, _program_ids, _store_partial,
-    gdc_launch_dependents, grid_of, launch_reduce, pdl_supported)
+    gdc_launch_dependents, grid_of, launch_reduce, pdl_supported, tiles)
 from lsrt.runtime.errors import InvalidRequest
 
 
@@ -33,15 +33,16 @@ class GraphAttentionConfig:
     """Launch parameters; None means chosen from the shapes (see `plan`)."""
 
     block_m: int | None = None      # rows (queries x group) per program; power of two >= 16
-    block_n: int = 64               # keys per tile; power of two >= 16
+    block_n: int | None = None      # keys per tile; power of two >= 16 (None: `tiles`)
     min_split_tiles: int = 4        # a split covers at least this many key tiles
     num_splits: int | None = None   # prefix splits in the grid (None: waves x SMs worth)
     waves: int = 2
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int | None = None   # None: `triton_tree.tiles`
     rows_first: bool = True         # grid order, see `triton_tree`
     pdl: bool = False               # early reduce launch where supported, see there
     warp_specialize: bool = False   # see `triton_tree.TreeAttentionConfig`
+    prefetch_pages: bool | None = None  # likewise (None: `tiles`)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -50,7 +51,7 @@ class GraphAttentionConfig:
                 raise ValueError(f"GraphAttentionConfig.{name} must be a power of two >= 16")
         if self.num_splits is not None and self.num_splits <= 0:
             raise ValueError("GraphAttentionConfig.num_splits must be positive")
-        if min(self.min_split_tiles, self.waves, self.num_warps, self.num_stages) <= 0:
+        if min(self.min_split_tiles, self.waves, self.num_warps, self.num_stages or 1) <= 0:
             raise ValueError("GraphAttentionConfig counts must be positive")
 
 
@@ -63,7 +64,7 @@ def _graph_partial_kernel(
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
-    ROWS_FIRST: tl.constexpr, PDL: tl.constexpr, WS: tl.constexpr,
+    ROWS_FIRST: tl.constexpr, PDL: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
@@ -81,7 +82,8 @@ def _graph_partial_kernel(
         end = tl.minimum(start + split_len, prefix_len)  # <= start: an empty partial
         m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
                                        end, qk_scale, stride_kch, stride_kcs, stride_vch,
-                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS)
+                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS,
+                                       PREFETCH)
     else:  # the tree: n_q new keys under the mask
         m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
                                     n_q, n_q, 0, qk_scale, stride_knn, stride_knh, stride_vnn,
@@ -91,19 +93,21 @@ def _graph_partial_kernel(
 
 
 def plan(cfg: GraphAttentionConfig, n_q: int, group: int, hkv: int, max_prefix: int,
-         device: torch.device) -> tuple[int, int, int]:
-    """(block_m, row_tiles, num_prefix_splits), fixed for every prefix length up to max_prefix.
+         device: torch.device) -> tuple[int, int, int, tuple[int, int, bool]]:
+    """(block_m, row_tiles, num_prefix_splits, (block_n, num_stages, prefetch_pages)), fixed for
+    every prefix length up to max_prefix.
 
     With enough splits this gives the partition `triton_tree._plan` picks at each length.
     """
     rows = n_q * group
     block_m = cfg.block_m or min(128, max(16, triton.next_power_of_2(rows)))
     row_tiles = triton.cdiv(rows, block_m)
+    tile = tiles(block_m, cfg.block_n, cfg.num_stages, cfg.prefetch_pages)
     if max_prefix <= 0:
-        return block_m, row_tiles, 0
+        return block_m, row_tiles, 0, tile
     want = cfg.num_splits or max(1, cfg.waves * _num_sms(device) // (hkv * row_tiles))
-    min_split = cfg.min_split_tiles * cfg.block_n
-    return block_m, row_tiles, max(1, min(want, triton.cdiv(max_prefix, min_split)))
+    min_split = cfg.min_split_tiles * tile[0]
+    return block_m, row_tiles, max(1, min(want, triton.cdiv(max_prefix, min_split))), tile
 
 
 def _check(q: torch.Tensor, k_cache_layer: torch.Tensor, v_cache_layer: torch.Tensor,
@@ -154,7 +158,8 @@ def paged_hybrid_attention_graph(
     n, hq, d = q.shape
     hkv = k_cache_layer.shape[0]
     group = hq // hkv
-    block_m, row_tiles, num_prefix = plan(cfg, n, group, hkv, max_prefix, q.device)
+    block_m, row_tiles, num_prefix, (block_n, stages, prefetch) = plan(cfg, n, group, hkv,
+                                                                        max_prefix, q.device)
     rows = n * group
     part_out = torch.empty(num_prefix + 1, hkv, rows, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_prefix + 1, hkv, rows, dtype=torch.float32, device=q.device)
@@ -167,10 +172,11 @@ def paged_hybrid_attention_graph(
         v_cache_layer.stride(0), v_cache_layer.stride(1), k_new.stride(0), k_new.stride(1),
         v_new.stride(0), v_new.stride(1), mask_t.stride(0),
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        MIN_SPLIT=cfg.min_split_tiles * cfg.block_n, PAGE=block_size,
+        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        MIN_SPLIT=cfg.min_split_tiles * block_n, PAGE=block_size,
         IS_FP32=q.dtype == torch.float32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
-        WS=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WS=cfg.warp_specialize, PREFETCH=prefetch, num_warps=cfg.num_warps,
+        num_stages=stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)

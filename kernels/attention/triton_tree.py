@@ -42,27 +42,44 @@ class TreeAttentionConfig:
     """Launch parameters; None means chosen from the shapes (see `_plan`)."""
 
     block_m: int | None = None   # rows (queries x group) per program; power of two >= 16
-    block_n: int = 64            # keys per tile; power of two >= 16
+    block_n: int | None = None   # keys per tile; power of two >= 16 (None: see `tiles`)
     split_len: int | None = None  # prefix keys per program; multiple of block_n
     waves: int = 2               # aim for waves x SM-count programs when splitting the prefix
     num_warps: int | None = None
-    num_stages: int = 2
+    num_stages: int | None = None  # software-pipeline depth of the K/V loads (None: `tiles`)
     rows_first: bool = True      # grid order: row tiles sharing a K/V tile run side by side
     # Launch the reduce early (programmatic dependent launch), where the GPU and Triton support
     # it (`pdl_supported`). Off by default: no gain measured on an H100 (docs/BENCHMARKS.md).
     pdl: bool = False
     warp_specialize: bool = False  # Triton's warp-specialised pipelining of the prefix loop
     #                                (also no gain measured there)
+    # Load the next tile's page ids one iteration ahead instead of just before its K/V copies
+    # (None: by the row tile, see `tiles`).
+    prefetch_pages: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
             val = getattr(self, name)
             if val is not None and (val < 16 or val & (val - 1)):
                 raise ValueError(f"TreeAttentionConfig.{name} must be a power of two >= 16")
-        if self.split_len is not None and (self.split_len <= 0 or self.split_len % self.block_n):
-            raise ValueError("TreeAttentionConfig.split_len must be a positive multiple of block_n")
-        if self.waves <= 0 or self.num_stages <= 0:
+        if self.split_len is not None and (self.split_len <= 0 or self.split_len % 16):
+            raise ValueError("TreeAttentionConfig.split_len must be a positive multiple of 16 "
+                             "(and of block_n)")
+        if self.waves <= 0 or (self.num_stages is not None and self.num_stages <= 0):
             raise ValueError("TreeAttentionConfig.waves and num_stages must be positive")
+
+
+def tiles(block_m: int, block_n: int | None, num_stages: int | None,
+          prefetch_pages: bool | None) -> tuple[int, int, bool]:
+    """(block_n, num_stages, prefetch_pages), each None chosen by the row tile. Row tiles of at
+    most 64 rows (n x group <= 64: decode and trees of up to 16 tokens with GQA 4) take 32-key
+    tiles three stages deep, page ids loaded a tile ahead: the deeper pipeline only pays once
+    the copies no longer wait on a page-table read, and then it is 1-3% faster at every n <= 16
+    at 32K and 128K on an H100 (docs/BENCHMARKS.md, round 9). 128-row tiles keep 64 keys and 2
+    stages: their accumulator leaves no registers for more (with prefetch they were slower)."""
+    short = block_m <= 64
+    return (block_n or (32 if short else 64), num_stages or (3 if short else 2),
+            short if prefetch_pages is None else prefetch_pages)
 
 
 @triton.jit
@@ -149,18 +166,33 @@ def _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end, qk_scale, 
 def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start, end, qk_scale,
                    stride_kch, stride_kcs, stride_vch, stride_vcs, HEAD_DIM: tl.constexpr,
                    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
-                   WS: tl.constexpr):
+                   WS: tl.constexpr, PREFETCH: tl.constexpr):
     """Online softmax over prefix positions [start, end) of this KV head, read through the
     block table (every query sees the whole prefix). Whole tiles load and score without
     bounds masks; only a partial last tile is masked. WS: Triton warp-specialises the loop
-    (producer warps load K/V while consumer warps compute)."""
+    (producer warps load K/V while consumer warps compute). PREFETCH: each iteration loads the
+    next tile's page ids, so its K/V copies need not wait for a table read."""
     kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
     vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
     full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
-    for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
-        m_i, l_i, acc = _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end,
-                                     qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N, PAGE,
-                                     False, IS_FP32)
+    if PREFETCH:
+        d = tl.arange(0, HEAD_DIM)
+        offs = tl.arange(0, BLOCK_N)
+        blk = tl.load(bt_ptr + (start + offs) // PAGE, mask=start + offs < end, other=0)
+        for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
+            nxt = n0 + BLOCK_N + offs
+            blk_next = tl.load(bt_ptr + nxt // PAGE, mask=nxt < end, other=0)
+            slot = blk.to(tl.int64) * PAGE + (n0 + offs) % PAGE
+            k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :])
+            v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :])
+            m_i, l_i, acc = _online_update(_qk(q, k, IS_FP32), v, m_i, l_i, acc, qk_scale,
+                                           IS_FP32)
+            blk = blk_next
+    else:
+        for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
+            m_i, l_i, acc = _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end,
+                                         qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N,
+                                         PAGE, False, IS_FP32)
     if full_end < end:
         m_i, l_i, acc = _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, full_end,
                                      end, qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N,
@@ -216,7 +248,7 @@ def _tree_partial_kernel(
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, ROWS_FIRST: tl.constexpr,
-    PDL: tl.constexpr, WS: tl.constexpr,
+    PDL: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     if PDL:  # the reduce may launch now; its gdc_wait still waits for this whole grid
         gdc_launch_dependents()
@@ -231,7 +263,8 @@ def _tree_partial_kernel(
         end = tl.minimum(start + split_len, prefix_len)
         m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
                                        end, qk_scale, stride_kch, stride_kcs, stride_vch,
-                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS)
+                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS,
+                                       PREFETCH)
     else:
         hi = n_new
         if CAUSAL:
@@ -330,20 +363,36 @@ def launch_reduce(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Ten
     )
 
 
+@dataclass(frozen=True)
+class _Plan:
+    block_m: int
+    row_tiles: int
+    block_n: int
+    num_stages: int
+    prefetch: bool
+    split_len: int
+    num_splits: int  # prefix splits (the tree's program comes after them)
+    num_warps: int
+
+
 def _plan(cfg: TreeAttentionConfig, n_q: int, group: int, hkv: int, prefix_len: int,
-          device: torch.device) -> tuple[int, int, int, int, int]:
-    """(block_m, row_tiles, split_len, num_prefix_splits, num_warps) for these shapes."""
+          device: torch.device) -> _Plan:
+    """The launch for these shapes."""
     rows = n_q * group
     block_m = cfg.block_m or min(128, max(16, triton.next_power_of_2(rows)))
     row_tiles = triton.cdiv(rows, block_m)
+    block_n, stages, prefetch = tiles(block_m, cfg.block_n, cfg.num_stages, cfg.prefetch_pages)
     split_len = cfg.split_len
     if split_len is None:
         want = max(1, cfg.waves * _num_sms(device) // (hkv * row_tiles))
-        split_len = max(4 * cfg.block_n, triton.cdiv(prefix_len, want))
-        split_len = triton.cdiv(split_len, cfg.block_n) * cfg.block_n
+        split_len = max(4 * block_n, triton.cdiv(prefix_len, want))
+        split_len = triton.cdiv(split_len, block_n) * block_n
+    elif split_len % block_n:
+        raise ValueError(f"TreeAttentionConfig.split_len {split_len} is not a multiple of "
+                         f"block_n {block_n}")
     num_splits = triton.cdiv(prefix_len, split_len) if prefix_len > 0 else 0
     num_warps = cfg.num_warps or 4  # 4 beat 8 at block_m 128 on an H100 (bench --sweep)
-    return block_m, row_tiles, split_len, num_splits, num_warps
+    return _Plan(block_m, row_tiles, block_n, stages, prefetch, split_len, num_splits, num_warps)
 
 
 def _check(q: torch.Tensor, k_cache_layer: torch.Tensor, v_cache_layer: torch.Tensor,
@@ -387,8 +436,8 @@ def launch_hybrid(
     n, hq, d = q.shape
     hkv = k_cache_layer.shape[0]
     group = hq // hkv
-    block_m, row_tiles, split_len, num_prefix, warps = _plan(cfg, n, group, hkv, prefix_len,
-                                                             q.device)
+    plan = _plan(cfg, n, group, hkv, prefix_len, q.device)
+    num_prefix = plan.num_splits
     rows = n * group
     part_out = torch.empty(num_prefix + 1, hkv, rows, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(num_prefix + 1, hkv, rows, dtype=torch.float32, device=q.device)
@@ -400,16 +449,17 @@ def launch_hybrid(
         mask_u8 = part_lse  # never read when CAUSAL
     is_fp32 = q.dtype == torch.float32
     pdl = cfg.pdl and pdl_supported(q.device)
-    _tree_partial_kernel[grid_of(row_tiles, hkv, num_prefix + 1, cfg.rows_first)](
+    _tree_partial_kernel[grid_of(plan.row_tiles, hkv, num_prefix + 1, cfg.rows_first)](
         q, k_cache_layer, v_cache_layer, block_table, k_new, v_new, mask_u8, part_out, part_lse,
-        prefix_len, n, k_new.shape[0], q_offset, split_len, num_prefix, scale * _LOG2E,
+        prefix_len, n, k_new.shape[0], q_offset, plan.split_len, num_prefix, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache_layer.stride(0), k_cache_layer.stride(1),
         v_cache_layer.stride(0), v_cache_layer.stride(1), k_new.stride(0), k_new.stride(1),
         v_new.stride(0), v_new.stride(1), mask_u8.stride(0),
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
-        GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=cfg.block_n, PAGE=block_size,
+        GROUP=group, HEAD_DIM=d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE=block_size,
         CAUSAL=mask is None, IS_FP32=is_fp32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
-        WS=cfg.warp_specialize, num_warps=warps, num_stages=cfg.num_stages,
+        WS=cfg.warp_specialize, PREFETCH=plan.prefetch, num_warps=plan.num_warps,
+        num_stages=plan.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(n, hq, dtype=torch.float32, device=q.device)

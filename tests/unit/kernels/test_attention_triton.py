@@ -50,6 +50,25 @@ def test_tree_kernel_matches_reference_fp32(case_args: tuple) -> None:
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("case_args", [CASES[1], CASES[2], CASES[4]],
+                         ids=lambda c: "n{}-h{}x{}-d{}-L{}-bs{}".format(*c))
+def test_tree_kernel_prefetched_page_ids(case_args: tuple) -> None:
+    """Page ids loaded one tile ahead (`prefetch_pages`) over shuffled blocks, splits ending in
+    a partial tile, and pages smaller than a tile: the reference's result."""
+    from lsrt.kernels.attention.triton_tree import TreeAttentionConfig, paged_hybrid_attention
+
+    n, hkv, group, d, length, bs, block_n, split_len = case_args
+    gen = torch.Generator().manual_seed(n * 7 + length)
+    case = paged_case(n=n, hkv=hkv, group=group, d=d, prefix_len=length, block_size=bs, gen=gen,
+                      device=DEVICE)
+    mask = tree_mask(n, gen).to(DEVICE)
+    cfg = TreeAttentionConfig(block_n=block_n, split_len=split_len, prefetch_pages=True)
+    out, lse = paged_hybrid_attention(**case, mask=mask, config=cfg)
+    want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("rows_first", [True, False], ids=["rows-first", "heads-first"])
 def test_tree_kernel_several_row_tiles_either_grid_order(rows_first: bool) -> None:
     """rows = 10 queries x GQA 4 = 40 > block_m 16: three row tiles per KV head, each reading
@@ -103,10 +122,13 @@ def test_tree_kernel_bf16_long_context(length: int, n: int) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 @pytest.mark.parametrize("warp_specialize", [False, True], ids=["", "ws"])
+@pytest.mark.parametrize("other", ["", "prefetch_pages"])
 @pytest.mark.parametrize("n", [16, 64])
-def test_tree_kernel_launch_variants_bf16(pdl: bool, warp_specialize: bool, n: int) -> None:
-    """The reduce launched early (programmatic dependent launch) and the warp-specialised prefix
-    loop give the reference's result, like the plain launch (32K + 77: a partial last tile)."""
+def test_tree_kernel_launch_variants_bf16(pdl: bool, warp_specialize: bool, other: str,
+                                          n: int) -> None:
+    """The reduce launched early (programmatic dependent launch), the warp-specialised prefix
+    loop and page ids loaded a tile ahead give the reference's result, like the plain launch
+    (32K + 77: a partial last tile)."""
     from lsrt.kernels.attention.triton_tree import (TreeAttentionConfig, paged_hybrid_attention,
                                                     pdl_supported)
 
@@ -116,7 +138,8 @@ def test_tree_kernel_launch_variants_bf16(pdl: bool, warp_specialize: bool, n: i
     case = paged_case(n=n, hkv=8, group=4, d=128, prefix_len=32768 + 77, block_size=16,
                       gen=gen, dtype=torch.bfloat16, device="cuda")
     mask = tree_mask(n, gen).cuda()
-    cfg = TreeAttentionConfig(pdl=pdl, warp_specialize=warp_specialize)
+    cfg = TreeAttentionConfig(pdl=pdl, warp_specialize=warp_specialize,
+                              **({other: True} if other else {}))
     want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
     for _ in range(3):  # repeated launches: a reduce that ran ahead of its inputs would show
         out, lse = paged_hybrid_attention(**case, mask=mask, config=cfg)
