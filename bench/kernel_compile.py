@@ -1,8 +1,8 @@
 """What Triton compiles the tree-attention kernel to, without a GPU: registers, spills, shared
 memory and where the matrix-product operands live, for one launch shape on a chosen target.
 
-    python bench/kernel_compile.py [--arch 90] [--block-m 128] [--num-warps 4] [--block-n 64]
-        [--num-stages 2] [--group 4] [--head-dim 128] [--keep DIR]
+    python bench/kernel_compile.py [--arch 90] [--block-m 128] [--num-warps 4] [--block-n N]
+        [--num-stages N] [--prefetch-pages 0|1] [--group 4] [--head-dim 128] [--keep DIR]
 
 It compiles `kernels/attention/triton_tree.py::_tree_partial_kernel` (bf16, a tree mask, 16-token
 pages) with the divisibility hints the JIT would give it for 16-aligned pointers and strides,
@@ -104,16 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
     parser.add_argument("--block-m", type=int, default=128)
     parser.add_argument("--num-warps", type=int, default=4)
-    parser.add_argument("--block-n", type=int, default=64)
-    parser.add_argument("--num-stages", type=int, default=2)
+    parser.add_argument("--block-n", type=int, default=None, help="default: the shipped choice")
+    parser.add_argument("--num-stages", type=int, default=None, help="likewise")
     parser.add_argument("--group", type=int, default=4, help="query heads per KV head")
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--prefetch-pages", action="store_true",
-                        help="TreeAttentionConfig.prefetch_pages")
+    parser.add_argument("--prefetch-pages", type=int, choices=(0, 1), default=None,
+                        help="TreeAttentionConfig.prefetch_pages (default: the shipped choice)")
     parser.add_argument("--keep", default=None, help="a folder for the TTGIR and PTX")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: an interpreted kernel cannot be compiled")
+    from lsrt.kernels.attention.triton_tree import tiles
+
+    prefetch = None if args.prefetch_pages is None else bool(args.prefetch_pages)
+    args.block_n, args.num_stages, args.prefetch_pages = tiles(
+        args.block_m, args.block_n, args.num_stages, prefetch)
     compiled = compile_kernel(args)
     report = ptxas_report(compiled.asm["ptx"], args.arch)
     if args.keep:
@@ -125,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"_tree_partial_kernel, sm_{args.arch}, Triton {triton.__version__}: block_m "
           f"{args.block_m}, {args.num_warps} warps, block_n {args.block_n}, "
-          f"{args.num_stages} stages, group {args.group}, head_dim {args.head_dim}, bf16")
+          f"{args.num_stages} stages, page ids prefetched: {args.prefetch_pages}, group "
+          f"{args.group}, head_dim {args.head_dim}, bf16")
     print("\n| what | value |\n| --- | --- |")
     for key, value in summary(compiled, report).items():
         print(f"| {key} | {value} |")
