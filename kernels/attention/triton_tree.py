@@ -153,13 +153,25 @@ def _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end, qk_scale, 
         v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :], mask=ok[:, None],
                     other=0.0)
         s = tl.where(ok[None, :], _qk(q, k, IS_FP32), float("-inf"))
+        m_i, l_i, acc = _online_update(s, v, m_i, l_i, acc, qk_scale, IS_FP32)
     else:
-        blk = tl.load(bt_ptr + pos // PAGE).to(tl.int64)
-        slot = blk * PAGE + pos % PAGE
-        k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :])
-        v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :])
-        s = _qk(q, k, IS_FP32)
-    return _online_update(s, v, m_i, l_i, acc, qk_scale, IS_FP32)
+        m_i, l_i, acc = _whole_tile(q, m_i, l_i, acc, kc_base, vc_base,
+                                    tl.load(bt_ptr + pos // PAGE), n0, qk_scale, stride_kcs,
+                                    stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _whole_tile(q, m_i, l_i, acc, kc_base, vc_base, blk, n0, qk_scale, stride_kcs, stride_vcs,
+                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                IS_FP32: tl.constexpr):
+    """The key tile at prefix positions [n0, n0 + BLOCK_N), all < end, given each position's
+    page id `blk` [BLOCK_N]."""
+    d = tl.arange(0, HEAD_DIM)
+    slot = blk.to(tl.int64) * PAGE + (n0 + tl.arange(0, BLOCK_N)) % PAGE
+    k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :])
+    v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :])
+    return _online_update(_qk(q, k, IS_FP32), v, m_i, l_i, acc, qk_scale, IS_FP32)
 
 
 @triton.jit
@@ -176,17 +188,14 @@ def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start, end, qk
     vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
     full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
     if PREFETCH:
-        d = tl.arange(0, HEAD_DIM)
         offs = tl.arange(0, BLOCK_N)
         blk = tl.load(bt_ptr + (start + offs) // PAGE, mask=start + offs < end, other=0)
         for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
             nxt = n0 + BLOCK_N + offs
             blk_next = tl.load(bt_ptr + nxt // PAGE, mask=nxt < end, other=0)
-            slot = blk.to(tl.int64) * PAGE + (n0 + offs) % PAGE
-            k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :])
-            v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :])
-            m_i, l_i, acc = _online_update(_qk(q, k, IS_FP32), v, m_i, l_i, acc, qk_scale,
-                                           IS_FP32)
+            m_i, l_i, acc = _whole_tile(q, m_i, l_i, acc, kc_base, vc_base, blk, n0, qk_scale,
+                                        stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N, PAGE,
+                                        IS_FP32)
             blk = blk_next
     else:
         for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
