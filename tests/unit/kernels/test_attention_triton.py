@@ -69,6 +69,28 @@ def test_tree_kernel_prefetched_page_ids(case_args: tuple) -> None:
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
+def test_tiles_follow_the_row_tile_unless_given() -> None:
+    """Short row tiles (<= 64 rows) get 32-key tiles 3 stages deep with page ids prefetched,
+    128-row tiles 64 keys x 2 stages; anything given explicitly is kept; a split length that is
+    not a multiple of the chosen key tile is refused with the two numbers."""
+    from lsrt.kernels.attention.triton_tree import TreeAttentionConfig, paged_hybrid_attention
+    from lsrt.kernels.attention.triton_tree import tiles
+
+    assert tiles(16, None, None, None) == (32, 3, True)
+    assert tiles(64, None, None, None) == (32, 3, True)
+    assert tiles(128, None, None, None) == (64, 2, False)
+    assert tiles(64, 64, 2, False) == (64, 2, False)
+    assert tiles(128, 32, 4, True) == (32, 4, True)
+    gen = torch.Generator().manual_seed(3)
+    case = paged_case(n=40, hkv=1, group=2, d=16, prefix_len=100, block_size=16, gen=gen,
+                      device=DEVICE)  # 80 rows: a 128-row tile, so 64-key tiles
+    with pytest.raises(ValueError, match="split_len 48 is not a multiple of block_n 64"):
+        paged_hybrid_attention(**case, mask=tree_mask(40, gen).to(DEVICE),
+                               config=TreeAttentionConfig(split_len=48))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        TreeAttentionConfig(split_len=40)
+
+
 @pytest.mark.parametrize("rows_first", [True, False], ids=["rows-first", "heads-first"])
 def test_tree_kernel_several_row_tiles_either_grid_order(rows_first: bool) -> None:
     """rows = 10 queries x GQA 4 = 40 > block_m 16: three row tiles per KV head, each reading
