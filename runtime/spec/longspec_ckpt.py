@@ -110,19 +110,23 @@ def _shape_fields(cfg: ModelConfig) -> dict:
 
 def save_draft(draft: LongSpecDraft, out_dir: str | Path, extra: dict | None = None) -> None:
     """`draft.safetensors` (own parameter names) + `config.json` (format, sink/window, target)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in draft.state_dict().items()}
-    save_file(tensors, str(out / "draft.safetensors.tmp"))
-    (out / "draft.safetensors.tmp").replace(out / "draft.safetensors")
     meta = {"format": FORMAT, "version": 1, "positions": POSITIONS,
             "sink": draft.lcfg.sink, "window": draft.lcfg.window,
             "final_norm": draft.lcfg.final_norm, "target": _shape_fields(draft.cfg),
             **(extra or {})}
+    _write_draft(Path(out_dir), tensors, meta)
+
+
+def _write_draft(out: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """`draft.safetensors` (written whole, then moved into place) and `config.json`."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "draft.safetensors.tmp"))
+    (out / "draft.safetensors.tmp").replace(out / "draft.safetensors")
     (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
 
@@ -133,21 +137,18 @@ def export_draft(src_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = 
     is merged into the config. Returns the number of parameters written."""
     import json
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    src, out = Path(src_dir), Path(out_dir)
+    src = Path(src_dir)
     if not is_own_checkpoint(src):
         raise ValueError(f"{src}: not an lsrt longspec draft directory")
     state = load_file(str(src / "draft.safetensors"))
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous()
                for k, v in state.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "draft.safetensors.tmp"))
-    (out / "draft.safetensors.tmp").replace(out / "draft.safetensors")
     meta = json.loads((src / "config.json").read_text())
     meta.update({"dtype": str(dtype).removeprefix("torch."), **(extra or {})})
-    (out / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-    return sum(v.numel() for k, v in tensors.items() if v.is_floating_point())
+    _write_draft(Path(out_dir), tensors, meta)
+    return sum(v.numel() for v in tensors.values() if v.is_floating_point())
 
 
 def is_own_checkpoint(path: str | Path) -> bool:
