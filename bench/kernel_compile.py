@@ -2,10 +2,12 @@
 memory and where the matrix-product operands live, for one launch shape on a chosen target.
 
     python bench/kernel_compile.py [--arch 90] [--block-m 128] [--num-warps 4] [--block-n N]
-        [--num-stages N] [--prefetch-pages 0|1] [--group 4] [--head-dim 128] [--keep DIR]
+        [--num-stages N] [--prefetch-pages 0|1] [--tma 0|1] [--page 16] [--group 4]
+        [--head-dim 128] [--keep DIR]
 
 It compiles `kernels/attention/triton_tree.py::_tree_partial_kernel` (bf16, a tree mask, 16-token
-pages) with the divisibility hints the JIT would give it for 16-aligned pointers and strides,
+pages unless --page; --tma 1: whole key tiles through TMA descriptors, which needs a page that
+holds a whole tile) with the divisibility hints the JIT would give it for 16-aligned pointers and strides,
 then runs the Triton wheel's own `ptxas -v` on the PTX. The numbers are the installed Triton's
 code generation, which may differ from the GPU machine's Triton version. `--keep DIR` writes
 the TTGIR and PTX there.
@@ -39,11 +41,14 @@ def compile_kernel(args: argparse.Namespace):
 
     names = list(inspect.signature(kernel.fn).parameters)
     const = dict(GROUP=args.group, HEAD_DIM=args.head_dim, BLOCK_M=args.block_m,
-                 BLOCK_N=args.block_n, PAGE=16, CAUSAL=False, IS_FP32=False, ROWS_FIRST=True,
-                 PDL=False, WS=False, PREFETCH=args.prefetch_pages)
+                 BLOCK_N=args.block_n, PAGE=args.page, CAUSAL=False, IS_FP32=False, ROWS_FIRST=True,
+                 PDL=False, WS=False, PREFETCH=args.prefetch_pages, TMA=bool(args.tma))
+    desc = f"tensordesc<bf16[{args.block_n}, {args.head_dim}]>" if args.tma else "*bf16"
     signature = {}
     for name in names:
-        if name in POINTERS:
+        if name in ("k_desc", "v_desc"):
+            signature[name] = desc
+        elif name in POINTERS:
             signature[name] = POINTERS[name]
         elif name in const:
             signature[name] = "constexpr"
@@ -95,6 +100,8 @@ def summary(compiled, report: str) -> dict[str, str]:
         "matrix products with A in shared memory / registers":
             f"{a_in_smem} / {len(dots) - a_in_smem}",
         "16-byte async copies (cp.async.cg) in the PTX": str(ptx.count("cp.async.cg")),
+        "TMA tile copies (cp.async.bulk.tensor) in the PTX":
+            str(ptx.count("cp.async.bulk.tensor")),
         "mma layouts": ", ".join(layouts) or "none",
     }
 
@@ -110,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--prefetch-pages", type=int, choices=(0, 1), default=None,
                         help="TreeAttentionConfig.prefetch_pages (default: the shipped choice)")
+    parser.add_argument("--tma", type=int, choices=(0, 1), default=0,
+                        help="TreeAttentionConfig.tma (key tiles through TMA descriptors)")
+    parser.add_argument("--page", type=int, default=16, help="tokens per KV page")
     parser.add_argument("--keep", default=None, help="a folder for the TTGIR and PTX")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -130,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"_tree_partial_kernel, sm_{args.arch}, Triton {triton.__version__}: block_m "
           f"{args.block_m}, {args.num_warps} warps, block_n {args.block_n}, "
-          f"{args.num_stages} stages, page ids prefetched: {args.prefetch_pages}, group "
+          f"{args.num_stages} stages, page ids prefetched: {args.prefetch_pages}, TMA: "
+          f"{bool(args.tma)}, {args.page}-token pages, group "
           f"{args.group}, head_dim {args.head_dim}, bf16")
     print("\n| what | value |\n| --- | --- |")
     for key, value in summary(compiled, report).items():

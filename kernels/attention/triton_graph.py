@@ -24,7 +24,8 @@ import triton.language as tl
 
 from lsrt.kernels.attention.triton_tree import (
     _LOG2E, _attend_new, _attend_prefix, _load_rows, _num_sms, _program_ids, _store_partial,
-    gdc_launch_dependents, grid_of, launch_reduce, pdl_supported, tiles)
+    gdc_launch_dependents, grid_of, launch_reduce, pdl_supported, tiles, tma_descriptors,
+    tma_usable)
 from lsrt.runtime.errors import InvalidRequest
 
 
@@ -43,6 +44,7 @@ class GraphAttentionConfig:
     pdl: bool = False               # early reduce launch where supported, see there
     warp_specialize: bool = False   # see `triton_tree.TreeAttentionConfig`
     prefetch_pages: bool | None = None  # likewise (None: `tiles`)
+    tma: bool | None = None         # likewise (None: `triton_tree.tma_usable`)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -57,14 +59,15 @@ class GraphAttentionConfig:
 
 @triton.jit
 def _graph_partial_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, plen_ptr, kn_ptr, vn_ptr, mask_ptr, po_ptr, pl_ptr,
-    n_q, num_prefix_splits, qk_scale,
+    q_ptr, kc_ptr, vc_ptr, k_desc, v_desc, head_rows, bt_ptr, plen_ptr, kn_ptr, vn_ptr,
+    mask_ptr, po_ptr, pl_ptr, n_q, num_prefix_splits, qk_scale,
     stride_qn, stride_qh, stride_kch, stride_kcs, stride_vch, stride_vcs,
     stride_knn, stride_knh, stride_vnn, stride_vnh, stride_mask,
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
     ROWS_FIRST: tl.constexpr, PDL: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
@@ -80,10 +83,10 @@ def _graph_partial_kernel(
         split_len = tl.maximum(per_split, MIN_SPLIT)
         start = split * split_len
         end = tl.minimum(start + split_len, prefix_len)  # <= start: an empty partial
-        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
-                                       end, qk_scale, stride_kch, stride_kcs, stride_vch,
-                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS,
-                                       PREFETCH)
+        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, k_desc, v_desc,
+                                       head_rows, bt_ptr, start, end, qk_scale, stride_kch,
+                                       stride_kcs, stride_vch, stride_vcs, HEAD_DIM, BLOCK_N,
+                                       PAGE, IS_FP32, WS, PREFETCH, TMA)
     else:  # the tree: n_q new keys under the mask
         m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
                                     n_q, n_q, 0, qk_scale, stride_knn, stride_knh, stride_vnn,
@@ -165,9 +168,12 @@ def paged_hybrid_attention_graph(
     part_lse = torch.empty(num_prefix + 1, hkv, rows, dtype=torch.float32, device=q.device)
     mask_t = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     pdl = cfg.pdl and pdl_supported(q.device)
+    tma = tma_usable(cfg.tma, k_cache_layer, v_cache_layer, block_size, block_n, block_m)
+    k_desc, v_desc = (tma_descriptors(k_cache_layer, v_cache_layer, block_n) if tma
+                      else (k_cache_layer, v_cache_layer))
     _graph_partial_kernel[grid_of(row_tiles, hkv, num_prefix + 1, cfg.rows_first)](
-        q, k_cache_layer, v_cache_layer, block_table, prefix_len, k_new, v_new, mask_t,
-        part_out, part_lse, n, num_prefix, scale * _LOG2E,
+        q, k_cache_layer, v_cache_layer, k_desc, v_desc, k_cache_layer.shape[1], block_table,
+        prefix_len, k_new, v_new, mask_t, part_out, part_lse, n, num_prefix, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache_layer.stride(0), k_cache_layer.stride(1),
         v_cache_layer.stride(0), v_cache_layer.stride(1), k_new.stride(0), k_new.stride(1),
         v_new.stride(0), v_new.stride(1), mask_t.stride(0),
@@ -175,7 +181,7 @@ def paged_hybrid_attention_graph(
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
         MIN_SPLIT=cfg.min_split_tiles * block_n, PAGE=block_size,
         IS_FP32=q.dtype == torch.float32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
-        WS=cfg.warp_specialize, PREFETCH=prefetch, num_warps=cfg.num_warps,
+        WS=cfg.warp_specialize, PREFETCH=prefetch, TMA=tma, num_warps=cfg.num_warps,
         num_stages=stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

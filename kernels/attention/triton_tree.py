@@ -30,11 +30,18 @@ try:  # griddepcontrol (programmatic dependent launch); absent from older Triton
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - depends on the installed Triton
     gdc_launch_dependents = gdc_wait = None
+try:  # host-side TMA descriptors; absent from older Triton releases
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    TensorDescriptor = None
 
 _LOG2E = 1.4426950408889634
 # The reduce merges up to this many splits per loop iteration: one pass for every default plan
 # (2 waves x 132 SMs / 8 KV heads = 33 prefix splits + the tree on an H100).
 REDUCE_SPLITS = 64
+# Row tiles at least this tall read their key tiles through TMA where the pages allow it
+# (`tma_usable`).
+TMA_MIN_ROWS = 128
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +63,11 @@ class TreeAttentionConfig:
     # Load the next tile's page ids one iteration ahead instead of just before its K/V copies
     # (None: by the row tile, see `tiles`).
     prefetch_pages: bool | None = None
+    # Whole prefix tiles copied by the tensor memory accelerator (TMA: one descriptor load per
+    # K/V tile, no per-element addresses) where a tile lies inside one page (block_size a
+    # multiple of block_n). None: for 128-row tiles where possible on a Hopper-or-newer GPU
+    # (see `tma_usable`).
+    tma: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -175,19 +187,30 @@ def _whole_tile(q, m_i, l_i, acc, kc_base, vc_base, blk, n0, qk_scale, stride_kc
 
 
 @triton.jit
-def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start, end, qk_scale,
-                   stride_kch, stride_kcs, stride_vch, stride_vcs, HEAD_DIM: tl.constexpr,
-                   BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
-                   WS: tl.constexpr, PREFETCH: tl.constexpr):
+def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, k_desc, v_desc, head_rows, bt_ptr,
+                   start, end, qk_scale, stride_kch, stride_kcs, stride_vch, stride_vcs,
+                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                   IS_FP32: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr,
+                   TMA: tl.constexpr):
     """Online softmax over prefix positions [start, end) of this KV head, read through the
     block table (every query sees the whole prefix). Whole tiles load and score without
     bounds masks; only a partial last tile is masked. WS: Triton warp-specialises the loop
     (producer warps load K/V while consumer warps compute). PREFETCH: each iteration loads the
-    next tile's page ids, so its K/V copies need not wait for a table read."""
+    next tile's page ids, so its K/V copies need not wait for a table read. TMA: whole tiles
+    (each inside one page) come through the descriptors k_desc / v_desc over the layer's
+    [Hkv * head_rows, HEAD_DIM] rows."""
     kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
     vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
     full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
-    if PREFETCH:
+    if TMA:
+        head_row = kvh * head_rows
+        for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
+            row = head_row + tl.load(bt_ptr + n0 // PAGE).to(tl.int32) * PAGE + n0 % PAGE
+            k = k_desc.load([row, 0])
+            v = v_desc.load([row, 0])
+            m_i, l_i, acc = _online_update(_qk(q, k, IS_FP32), v, m_i, l_i, acc, qk_scale,
+                                           IS_FP32)
+    elif PREFETCH:
         offs = tl.arange(0, BLOCK_N)
         blk = tl.load(bt_ptr + (start + offs) // PAGE, mask=start + offs < end, other=0)
         for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
@@ -250,14 +273,15 @@ def _store_partial(po_ptr, pl_ptr, kvh, split, rows, row_ok, m_i, l_i, acc, stri
 
 @triton.jit
 def _tree_partial_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, kn_ptr, vn_ptr, mask_ptr, po_ptr, pl_ptr,
+    q_ptr, kc_ptr, vc_ptr, k_desc, v_desc, head_rows, bt_ptr, kn_ptr, vn_ptr, mask_ptr, po_ptr,
+    pl_ptr,
     prefix_len, n_q, n_new, q_offset, split_len, num_prefix_splits, qk_scale,
     stride_qn, stride_qh, stride_kch, stride_kcs, stride_vch, stride_vcs,
     stride_knn, stride_knh, stride_vnn, stride_vnh, stride_mask,
     stride_po_s, stride_po_h, stride_pl_s, stride_pl_h,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, ROWS_FIRST: tl.constexpr,
-    PDL: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr,
 ):
     if PDL:  # the reduce may launch now; its gdc_wait still waits for this whole grid
         gdc_launch_dependents()
@@ -270,10 +294,10 @@ def _tree_partial_kernel(
     if split < num_prefix_splits:
         start = split * split_len
         end = tl.minimum(start + split_len, prefix_len)
-        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, bt_ptr, start,
-                                       end, qk_scale, stride_kch, stride_kcs, stride_vch,
-                                       stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, WS,
-                                       PREFETCH)
+        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, k_desc, v_desc,
+                                       head_rows, bt_ptr, start, end, qk_scale, stride_kch,
+                                       stride_kcs, stride_vch, stride_vcs, HEAD_DIM, BLOCK_N,
+                                       PAGE, IS_FP32, WS, PREFETCH, TMA)
     else:
         hi = n_new
         if CAUSAL:
@@ -353,6 +377,52 @@ def pdl_supported(device: torch.device) -> bool:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _capability(index) >= (9, 0)
+
+
+def tma_usable(want: bool | None, k_cache_layer: torch.Tensor, v_cache_layer: torch.Tensor,
+                block_size: int, block_n: int, block_m: int) -> bool:
+    """Whether the prefix tiles go through TMA descriptors. A tile must lie inside one page
+    (block_size a multiple of block_n), and each layer must read as one [Hkv * num_slots,
+    head_dim] matrix with 16-byte-aligned rows. `want` True: they must (also under the CPU
+    interpreter, for tests), else ValueError with the reason. None: where they can on a
+    Hopper-or-newer GPU, for row tiles of TMA_MIN_ROWS rows or more. On an H100 with 64-token
+    pages, TMA made the 128-row tile 6% faster (n = 64: 349 -> 329 µs at 128K, 108 -> 102 at
+    32K) and the short tiles 9-13% slower (32K n = 1: 54 -> 61 µs), so short tiles keep the
+    gather (docs/BENCHMARKS.md, round 10)."""
+    if want is None and block_m < TMA_MIN_ROWS:
+        return False
+    reasons = []
+    if TensorDescriptor is None:
+        reasons.append("this Triton has no tensor descriptors")
+    if block_size % block_n:
+        reasons.append(f"block_size {block_size} is not a multiple of block_n {block_n}")
+    for t in (k_cache_layer, v_cache_layer):
+        if (t.stride(0) != t.shape[1] * t.stride(1)
+                or (t.stride(1) * t.element_size()) % 16 or t.data_ptr() % 16):
+            reasons.append("the K/V layers are not [Hkv * num_slots, head_dim] matrices with "
+                           "16-byte-aligned rows")
+            break
+    device = k_cache_layer.device
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _capability(index) < (9, 0):
+            reasons.append("TMA needs a Hopper-or-newer GPU")
+    elif want is None:
+        return False  # the interpreter only when asked (tests)
+    if want is False or (want is None and reasons):
+        return False
+    if reasons:
+        raise ValueError("TreeAttentionConfig.tma: " + "; ".join(reasons))
+    return True
+
+
+def tma_descriptors(k_cache_layer: torch.Tensor, v_cache_layer: torch.Tensor, block_n: int
+                    ) -> tuple[object, object]:
+    """Descriptors of [block_n, head_dim] tiles over each layer's [Hkv * num_slots, head_dim]
+    rows (only valid where `tma_usable`)."""
+    hkv, slots, d = k_cache_layer.shape
+    return tuple(TensorDescriptor(t, [hkv * slots, d], [t.stride(1), 1], [block_n, d])
+                 for t in (k_cache_layer, v_cache_layer))
 
 
 def launch_reduce(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor,
@@ -458,8 +528,13 @@ def launch_hybrid(
         mask_u8 = part_lse  # never read when CAUSAL
     is_fp32 = q.dtype == torch.float32
     pdl = cfg.pdl and pdl_supported(q.device)
+    tma = tma_usable(cfg.tma, k_cache_layer, v_cache_layer, block_size, plan.block_n,
+                     plan.block_m)
+    k_desc, v_desc = (tma_descriptors(k_cache_layer, v_cache_layer, plan.block_n) if tma
+                      else (k_cache_layer, v_cache_layer))
     _tree_partial_kernel[grid_of(plan.row_tiles, hkv, num_prefix + 1, cfg.rows_first)](
-        q, k_cache_layer, v_cache_layer, block_table, k_new, v_new, mask_u8, part_out, part_lse,
+        q, k_cache_layer, v_cache_layer, k_desc, v_desc, k_cache_layer.shape[1], block_table,
+        k_new, v_new, mask_u8, part_out, part_lse,
         prefix_len, n, k_new.shape[0], q_offset, plan.split_len, num_prefix, scale * _LOG2E,
         q.stride(0), q.stride(1), k_cache_layer.stride(0), k_cache_layer.stride(1),
         v_cache_layer.stride(0), v_cache_layer.stride(1), k_new.stride(0), k_new.stride(1),
@@ -467,7 +542,7 @@ def launch_hybrid(
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE=block_size,
         CAUSAL=mask is None, IS_FP32=is_fp32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
-        WS=cfg.warp_specialize, PREFETCH=plan.prefetch, num_warps=plan.num_warps,
+        WS=cfg.warp_specialize, PREFETCH=plan.prefetch, TMA=tma, num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

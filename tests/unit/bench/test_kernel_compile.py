@@ -48,6 +48,24 @@ def test_reports_the_sm90_build_of_the_shipped_tile(tmp_path):
     assert ".target sm_90a" in (tmp_path / "tree_partial.ptx").read_text()
 
 
+def test_tma_build_copies_key_tiles_with_tma():
+    """--tma 1 over 64-token pages: the prefix loop's K/V tiles come by TMA, so the PTX has
+    bulk tensor copies (the gather build has none) and fewer 16-byte async copies."""
+    counts = {}
+    for tma in ("0", "1"):
+        run = _run("--arch", "90", "--page", "64", "--tma", tma)
+        if run.returncode and "no ptxas in the Triton wheel" in run.stderr:
+            pytest.skip(run.stderr.strip().splitlines()[-1])
+        assert run.returncode == 0, run.stderr
+        rows = dict(tuple(c.strip() for c in line.strip().strip("|").split("|"))
+                    for line in run.stdout.splitlines() if line.startswith("| ") and "|" in
+                    line[2:] and line.count("|") == 3)
+        counts[tma] = (int(rows["TMA tile copies (cp.async.bulk.tensor) in the PTX"]),
+                       int(rows["16-byte async copies (cp.async.cg) in the PTX"]))
+    assert counts["0"][0] == 0 and counts["1"][0] > 0
+    assert counts["1"][1] < counts["0"][1]
+
+
 def test_refuses_to_run_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, str(BENCH / "kernel_compile.py")], env=env,

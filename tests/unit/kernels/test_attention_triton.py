@@ -69,6 +69,62 @@ def test_tree_kernel_prefetched_page_ids(case_args: tuple) -> None:
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
+# Pages holding whole key tiles: (n, hkv, group, head_dim, prefix_len, block_size, block_n,
+# split_len)
+TMA_CASES = [
+    (5, 2, 3, 64, 37, 16, 16, 32),      # one tile a page, two splits, a partial last tile
+    (16, 1, 4, 64, 300, 64, 32, 64),    # two tiles a page, five splits
+    (3, 2, 2, 32, 200, 32, 16, None),   # splits chosen from the shapes
+]
+
+
+@pytest.mark.parametrize("case_args", TMA_CASES, ids=lambda c: "n{}-h{}x{}-d{}-L{}-bs{}".format(*c))
+def test_tree_kernel_tma_descriptors(case_args: tuple) -> None:
+    """Whole key tiles through TMA descriptors over shuffled pages (the partial last tile of a
+    split through the gather): the reference's result."""
+    from lsrt.kernels.attention.triton_tree import (TreeAttentionConfig, paged_hybrid_attention,
+                                                    tma_usable)
+
+    n, hkv, group, d, length, bs, block_n, split_len = case_args
+    gen = torch.Generator().manual_seed(n * 5 + length)
+    case = paged_case(n=n, hkv=hkv, group=group, d=d, prefix_len=length, block_size=bs, gen=gen,
+                      device=DEVICE)
+    mask = tree_mask(n, gen).to(DEVICE)
+    assert tma_usable(True, case["k_cache_layer"], case["v_cache_layer"], bs, block_n, 16)
+    cfg = TreeAttentionConfig(block_n=block_n, split_len=split_len, tma=True)
+    out, lse = paged_hybrid_attention(**case, mask=mask, config=cfg)
+    want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_tma_refused_where_it_cannot_work() -> None:
+    """tma=True where a key tile spans pages, or where the K/V layer is not one matrix of rows,
+    fails with the reason; tma=None falls back to the gather there, for short row tiles and on
+    the interpreter."""
+    from lsrt.kernels.attention.triton_tree import (TreeAttentionConfig, paged_hybrid_attention,
+                                                    tma_usable)
+
+    gen = torch.Generator().manual_seed(8)
+    case = paged_case(n=4, hkv=2, group=2, d=32, prefix_len=50, block_size=16, gen=gen,
+                      device=DEVICE)
+    mask = tree_mask(4, gen).to(DEVICE)
+    k, v = case["k_cache_layer"], case["v_cache_layer"]
+    with pytest.raises(ValueError, match="block_size 16 is not a multiple of block_n 32"):
+        paged_hybrid_attention(**case, mask=mask, config=TreeAttentionConfig(block_n=32, tma=True))
+    strided = torch.cat([k, k], dim=1)[:, :k.shape[1]]  # heads twice apart: not one matrix
+    with pytest.raises(ValueError, match="not \\[Hkv \\* num_slots, head_dim\\] matrices"):
+        tma_usable(True, strided, v, 16, 16, 128)
+    assert not tma_usable(None, strided, v, 16, 16, 128)
+    assert not tma_usable(False, k, v, 16, 16, 128)
+    assert not tma_usable(None, k, v, 16, 16, 64)  # short row tiles keep the gather
+    assert tma_usable(None, k, v, 16, 16, 128) == (DEVICE == "cuda"
+                                                  and torch.cuda.get_device_capability() >= (9, 0))
+    out, _ = paged_hybrid_attention(**case, mask=mask, config=TreeAttentionConfig(block_n=32))
+    torch.testing.assert_close(out, ref.paged_hybrid_attention(**case, mask=mask)[0], rtol=1e-4,
+                               atol=1e-4)
+
+
 def test_tiles_follow_the_row_tile_unless_given() -> None:
     """Short row tiles (<= 64 rows) get 32-key tiles 3 stages deep with page ids prefetched,
     128-row tiles 64 keys x 2 stages; anything given explicitly is kept; a split length that is
@@ -144,21 +200,24 @@ def test_tree_kernel_bf16_long_context(length: int, n: int) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 @pytest.mark.parametrize("warp_specialize", [False, True], ids=["", "ws"])
-@pytest.mark.parametrize("other", ["", "prefetch_pages"])
+@pytest.mark.parametrize("other", ["", "prefetch_pages", "tma"])
 @pytest.mark.parametrize("n", [16, 64])
 def test_tree_kernel_launch_variants_bf16(pdl: bool, warp_specialize: bool, other: str,
                                           n: int) -> None:
     """The reduce launched early (programmatic dependent launch), the warp-specialised prefix
-    loop and page ids loaded a tile ahead give the reference's result, like the plain launch
-    (32K + 77: a partial last tile)."""
+    loop, page ids loaded a tile ahead and key tiles through TMA descriptors (64-token pages)
+    give the reference's result, like the plain launch (32K + 77: a partial last tile)."""
     from lsrt.kernels.attention.triton_tree import (TreeAttentionConfig, paged_hybrid_attention,
                                                     pdl_supported)
 
     if pdl and not pdl_supported(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper GPU and Triton's gdc ops")
     gen = torch.Generator().manual_seed(n)
-    case = paged_case(n=n, hkv=8, group=4, d=128, prefix_len=32768 + 77, block_size=16,
-                      gen=gen, dtype=torch.bfloat16, device="cuda")
+    if other == "tma" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs a Hopper-or-newer GPU")
+    case = paged_case(n=n, hkv=8, group=4, d=128, prefix_len=32768 + 77,
+                      block_size=64 if other == "tma" else 16, gen=gen, dtype=torch.bfloat16,
+                      device="cuda")
     mask = tree_mask(n, gen).cuda()
     cfg = TreeAttentionConfig(pdl=pdl, warp_specialize=warp_specialize,
                               **({other: True} if other else {}))

@@ -72,16 +72,16 @@ def test_graph_kernel_several_row_tiles_either_grid_order(rows_first: bool) -> N
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("prefetch", [False, True], ids=["", "prefetch-pages"])
-def test_one_launch_config_serves_every_length(prefetch: bool) -> None:
+@pytest.mark.parametrize("other", ["", "prefetch_pages", "tma"])
+def test_one_launch_config_serves_every_length(other: str) -> None:
     """The same shapes, max_prefix and buffers with the device-side length changing (page ids
-    loaded a tile ahead or not)."""
+    loaded a tile ahead or not; key tiles through TMA descriptors over 32-token pages)."""
     from lsrt.kernels.attention.triton_graph import GraphAttentionConfig
 
-    case, mask = _case(4, 2, 2, 32, 90, 8, seed=5)
+    case, mask = _case(4, 2, 2, 32, 90, 32 if other == "tma" else 8, seed=5)
     plen = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     cfg = GraphAttentionConfig(block_n=16, min_split_tiles=1, num_splits=4,
-                               prefetch_pages=prefetch)
+                               **({other: True} if other else {}))
     from lsrt.kernels.attention.triton_graph import paged_hybrid_attention_graph
 
     for length in (0, 1, 17, 63, 90):
@@ -109,17 +109,21 @@ def test_bf16_matches_reference() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA")
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
-@pytest.mark.parametrize("other", ["", "prefetch_pages"])
+@pytest.mark.parametrize("other", ["", "prefetch_pages", "tma"])
 def test_graph_kernel_in_a_cuda_graph(pdl: bool, other: str) -> None:
     """Captured once, replayed as the device-side length changes: with the reduce launched as a
-    programmatic dependent (an edge of the graph) it still sees every partial."""
+    programmatic dependent (an edge of the graph) it still sees every partial; TMA descriptors
+    (64-token pages) are captured by value."""
     from lsrt.kernels.attention.triton_graph import (GraphAttentionConfig,
                                                      paged_hybrid_attention_graph)
     from lsrt.kernels.attention.triton_tree import pdl_supported
 
     if pdl and not pdl_supported(torch.device("cuda")):
         pytest.skip("programmatic dependent launch needs a Hopper GPU and Triton's gdc ops")
-    case, mask = _case(16, 8, 4, 128, 20000, 16, seed=3, dtype=torch.bfloat16)
+    if other == "tma" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs a Hopper-or-newer GPU")
+    case, mask = _case(16, 8, 4, 128, 20000, 64 if other == "tma" else 16, seed=3,
+                       dtype=torch.bfloat16)
     plen = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     args = {**case, "prefix_len": plen, "mask": mask, "max_prefix": 20000,
             "config": GraphAttentionConfig(pdl=pdl, **({other: True} if other else {}))}
