@@ -39,7 +39,8 @@ PLAN = {  # model -> (contexts, verify tree sizes besides decode, graph sizes)
 
 
 def build_random_runner(shape: str, *, max_ctx: int, attention: str = "triton",
-                        device: str = "cuda", dtype: str = "bfloat16", seed: int = 0):
+                        device: str = "cuda", dtype: str = "bfloat16", seed: int = 0,
+                        block_size: int = 16):
     """A bf16 ModelRunner with random weights of `shape` and a pool for `max_ctx` tokens.
 
     Norm weights are 1 and embeddings N(0, 1) so that logits are peaked (greedy tests then meet
@@ -66,7 +67,8 @@ def build_random_runner(shape: str, *, max_ctx: int, attention: str = "triton",
     kv_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.embed.element_size()
     budget_mb = max(16, ((max_ctx + 2048) * kv_tok) >> 20)
     return ModelRunner(model.eval(), RunnerConfig(device=device, dtype=dtype,
-                                                  kv_budget_mb=budget_mb, attention=attention))
+                                                  kv_budget_mb=budget_mb, attention=attention,
+                                                  block_size=block_size))
 
 
 def wall_ms(fn, repeats: int) -> float:
@@ -104,10 +106,11 @@ def decode_loop_tps(runner, seq, tokens: int) -> float:
     return tokens / (time.perf_counter() - t)
 
 
-def model_rows(shape: str, repeats: int, bw: float, elementwise: list[str]) -> list[str]:
+def model_rows(shape: str, repeats: int, bw: float, elementwise: list[str],
+               block_size: int = 16) -> list[str]:
     from lsrt.kernels.elementwise import get_elementwise_ops
 
-    eager = build_random_runner(shape, max_ctx=max(PLAN[shape][0]))
+    eager = build_random_runner(shape, max_ctx=max(PLAN[shape][0]), block_size=block_size)
     eager.pool.k.normal_(0, 1)
     eager.pool.v.normal_(0, 1)
     rows = []
@@ -164,19 +167,21 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--elementwise", nargs="+", default=["torch", "triton"],
                     choices=["torch", "triton"])
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu_graphs.py needs a CUDA device")
         return
     bw = copy_bandwidth("cuda")
     lines = [f"{torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, bf16, "
-             f"attention triton, wall-clock median of {args.repeats}",
+             f"attention triton, {args.block_size}-token pages, wall-clock median of "
+             f"{args.repeats}",
              "| model | elementwise | context | step | eager ms | graph ms | speedup | floor ms | "
              "graph/floor | decode loop tok/s eager / graph |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     print("\n".join(lines), flush=True)
     for shape in args.models:
-        lines += model_rows(shape, args.repeats, bw, args.elementwise)
+        lines += model_rows(shape, args.repeats, bw, args.elementwise, args.block_size)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -2,8 +2,11 @@
 
     python bench/kernels_attention.py [--contexts 8192,32768,131072] [--ns 1,4,16,64,128]
         [--sweep] [--sweep-grid "block_m=None,256 block_n=64,128 pdl=0,1 warp_specialize=0,1 ..."]
+        [--block-size 16] [--no-sdpa]
 
-Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, block_size 16. For each context L and
+Shapes: 32 query heads, 8 KV heads, head_dim 128, bf16, block_size (tokens per page) 16 unless
+--block-size says otherwise (a page of 64 or more holds a whole key tile, so the tiles can come
+through TMA descriptors: `tma=0,1` in the sweep grid). For each context L and
 tree size n it times (median of CUDA-graph replays with L2 flushed
 between them; --no-graphs: eager triton.testing.do_bench):
   * triton   - lsrt's paged hybrid tree attention (prefix + tree mask + LSE merge);
@@ -35,7 +38,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-HQ, HKV, D, BLOCK = 32, 8, 128, 16
+HQ, HKV, D = 32, 8, 128
 
 
 def copy_bandwidth(do_bench) -> float:
@@ -129,7 +132,7 @@ def sweep_configs(grid: str):
     """TreeAttentionConfigs over a grid like "block_m=None,256 block_n=64,128" (the product)."""
     from lsrt.kernels.attention.triton_tree import TreeAttentionConfig
 
-    flags = ("pdl", "warp_specialize", "rows_first", "prefetch_pages")
+    flags = ("pdl", "warp_specialize", "rows_first", "prefetch_pages", "tma")
     axes = {}
     for item in grid.split():
         name, values = item.split("=")
@@ -141,13 +144,15 @@ def sweep_configs(grid: str):
 
 def describe(cfg) -> str:
     flags = "".join(f" {name}" for name, value in
-                    (("pdl", cfg.pdl), ("ws", cfg.warp_specialize), ("pf", cfg.prefetch_pages))
+                    (("pdl", cfg.pdl), ("ws", cfg.warp_specialize), ("pf", cfg.prefetch_pages),
+                     ("tma", cfg.tma), ("no-tma", cfg.tma is False))
                     if value)
     return (f"bm{cfg.block_m} bn{cfg.block_n} wv{cfg.waves} st{cfg.num_stages} "
             f"nw{cfg.num_warps}{flags}")
 
 
-def bench_context(length: int, ns: list[int], bw: float, grid: str | None, timers: dict):
+def bench_context(length: int, ns: list[int], bw: float, grid: str | None, timers: dict,
+                  block: int = 16, sdpa: bool = True):
     """Yields the table's rows for one context, one per n as it is timed. `timers` maps a flush
     name to its timer; the first is the main one (the sweep and SDPA use it)."""
     from lsrt.kernels.attention.testing import tree_mask
@@ -155,11 +160,11 @@ def bench_context(length: int, ns: list[int], bw: float, grid: str | None, timer
 
     timer = next(iter(timers.values()))
     max_n = max(ns)
-    slots = math.ceil((length + max_n) / BLOCK) * BLOCK
+    slots = math.ceil((length + max_n) / block) * block
     gen = torch.Generator().manual_seed(length)
     k_layer = torch.randn(HKV, slots, D, device="cuda", dtype=torch.bfloat16)
     v_layer = torch.randn(HKV, slots, D, device="cuda", dtype=torch.bfloat16)
-    table = torch.arange(slots // BLOCK, device="cuda", dtype=torch.int32)
+    table = torch.arange(slots // block, device="cuda", dtype=torch.int32)
     floor_us = 2 * HKV * length * D * 2 / bw * 1e6
     fmt = lambda t: "n/a" if t is None else f"{t:.1f}"  # noqa: E731
     heads_first = TreeAttentionConfig(rows_first=False)
@@ -169,7 +174,7 @@ def bench_context(length: int, ns: list[int], bw: float, grid: str | None, timer
         k_new = k_layer[:, length:length + n].transpose(0, 1)
         v_new = v_layer[:, length:length + n].transpose(0, 1)
         mask = tree_mask(n, gen).cuda()
-        args = (q, k_layer, v_layer, table, length, k_new, v_new, mask, D ** -0.5, BLOCK)
+        args = (q, k_layer, v_layer, table, length, k_new, v_new, mask, D ** -0.5, block)
         t_tri = [t(lambda: paged_hybrid_attention(*args)) for t in timers.values()]
         t_old = timer(lambda: paged_hybrid_attention(*args, config=heads_first))
         best = ""
@@ -184,11 +189,13 @@ def bench_context(length: int, ns: list[int], bw: float, grid: str | None, timer
                 *min(((t, describe(c)) for t, c in ok), key=lambda tc: tc[0]))
         qs = q.transpose(0, 1)[None]  # [1, Hq, n, D]
         ks, vs = k_layer[None, :, :length + n], v_layer[None, :, :length + n]
-        t_flash = timer(sdpa_flash(qs, ks, vs))
-        full = torch.cat([torch.ones(n, length, dtype=torch.bool, device="cuda"), mask], 1)
-        t_dense = timer(sdpa_dense(qs, ks, vs, full))
+        t_flash = t_dense = None
+        if sdpa:
+            t_flash = timer(sdpa_flash(qs, ks, vs))
+            full = torch.cat([torch.ones(n, length, dtype=torch.bool, device="cuda"), mask], 1)
+            t_dense = timer(sdpa_dense(qs, ks, vs, full))
+            del full
         ratio = "n/a" if t_tri[0] is None else f"{t_tri[0] / floor_us:.2f}"
-        del full
         yield (f"| {length} | {n} | {floor_us:.1f} | " + " | ".join(fmt(t) for t in t_tri)
                + f" | {ratio} | {fmt(t_old)} |{best} {fmt(t_flash)} | {fmt(t_dense)} |")
     del k_layer, v_layer
@@ -206,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="how L2 is flushed between replays (see the module docstring)")
     parser.add_argument("--no-graphs", action="store_true",
                         help="time eager calls (do_bench) instead of CUDA-graph replays")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
+    parser.add_argument("--no-sdpa", action="store_true", help="skip the two SDPA columns")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/kernels_attention.py: no CUDA device here; nothing to time "
@@ -220,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     flushes = ["read", "write"] if args.flush == "both" else [args.flush]
     timers = {f: make_timer(graphs=not args.no_graphs, flush=f) for f in flushes}
     how = "eager do_bench" if args.no_graphs else "CUDA-graph replay, L2 flushed"
-    print(f"One layer, 32 q heads / 8 KV heads, d=128, bf16; µs, median of {how}"
+    print(f"One layer, 32 q heads / 8 KV heads, d=128, bf16, {args.block_size}-token pages; "
+          f"µs, median of {how}"
           f" (flush: {', '.join(flushes)}; the first is used for every other column).\n")
     head = "| context | n | HBM floor | " + " | ".join(f"triton tree, {f} flush" for f in flushes)
     head += " | triton / floor | triton, heads first |"
@@ -229,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + " --- |" * (head.count("|") + 1))
     for length in (int(x) for x in args.contexts.split(",")):
         for row in bench_context(length, [int(x) for x in args.ns.split(",")], bw, grid,
-                                 timers):
+                                 timers, args.block_size, not args.no_sdpa):
             print(row, flush=True)
     return 0
 
