@@ -31,13 +31,14 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 def runner_config(args: argparse.Namespace):
     from lsrt.runtime.runner import RunnerConfig
 
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    kwargs = {"device": args.device, "dtype": dtype}
+    kwargs = {}
+    if args.dtype:
+        kwargs["dtype"] = args.dtype
     if args.attention:
         kwargs["attention"] = args.attention
     if args.kv_budget_mb:
         kwargs["kv_budget_mb"] = args.kv_budget_mb
-    return RunnerConfig(**kwargs)
+    return RunnerConfig.for_device(args.device, **kwargs)
 
 
 def sampling_from_args(args: argparse.Namespace):

@@ -28,14 +28,12 @@ def build_backend(*, model: str = "smollm2-135m", device: str = "cpu", dtype: st
                   progress: bool = True) -> tuple[SessionManager, Callable[[], None]]:
     """(manager, closer): the model loaded on `device`, sessions in Redis at `redis_url` (else
     the embedded server under `data_dir`). Call closer() once to close the store."""
-    fields: dict = {"device": device}
+    fields: dict = {}
     if dtype is not None:
         fields["dtype"] = dtype
-    elif device != "cpu":
-        fields["dtype"] = "bfloat16"  # float32 is for CPU exactness; GPUs run bf16
     if kv_budget_mb is not None:
         fields["kv_budget_mb"] = kv_budget_mb
-    llm = LLM.load(model, RunnerConfig(**fields), progress=progress)
+    llm = LLM.load(model, RunnerConfig.for_device(device, **fields), progress=progress)
     store, closer = open_store(redis_url, Path(data_dir) if data_dir is not None else None)
     try:
         manager = SessionManager(llm, store, default_draft=draft or default_draft(model))

@@ -37,11 +37,14 @@ def _bench_module():
     return module
 
 
-@pytest.fixture(scope="module")
-def runners():
+@pytest.fixture(scope="module", params=[16, 64], ids=["pages16", "pages64"])
+def runners(request):
+    """16-token pages (the CPU default) and 64-token pages (the GPU default: trees of 32 tokens,
+    96 rows a KV head, read their key tiles by TMA on Hopper)."""
     from lsrt.runtime.cuda_graphs import GraphConfig, GraphRunner
 
-    eager = _bench_module().build_random_runner("smollm2", max_ctx=6144, seed=1)
+    eager = _bench_module().build_random_runner("smollm2", max_ctx=6144, seed=1,
+                                                block_size=request.param)
     return eager, GraphRunner(eager, GraphConfig(sizes=SIZES))
 
 
