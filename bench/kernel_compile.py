@@ -7,8 +7,8 @@ memory and where the matrix-product operands live, for one launch shape on a cho
 
 It compiles `kernels/attention/triton_tree.py::_tree_partial_kernel` (bf16, a tree mask, 16-token
 pages unless --page; --tma 1: whole key tiles through TMA descriptors, which needs a page that
-holds a whole tile) with the divisibility hints the JIT would give it for 16-aligned pointers and strides,
-then runs the Triton wheel's own `ptxas -v` on the PTX. The numbers are the installed Triton's
+holds a whole tile) with the divisibility hints the JIT would give it for 16-aligned pointers
+and strides, then runs the Triton wheel's own `ptxas -v` on the PTX. The numbers are the installed Triton's
 code generation, which may differ from the GPU machine's Triton version. `--keep DIR` writes
 the TTGIR and PTX there.
 """

@@ -64,14 +64,10 @@ short)
         --max-minutes "$MINUTES"
     export_bf16 "$WORK/runs/short"
     ;;
-gen2|gen3)
-    SKIP=0; [ "$STAGE" = gen3 ] && SKIP=6
-    "$PY" -m lsrt.runtime.training.selfgen --target "$MODEL" --device "$DEVICE" --traces "${TRACES[@]}" \
-        --out "$WORK/$STAGE.pt" --holdout 3 --exclude-traces 13:16 --skip-turns $SKIP \
-        --turns-per-trace 6 --max-new 256 --keep-context 1024 --max-minutes "${GEN_MINUTES:-2.5}" \
-        --no-progress
-    ;;
-gen-turns)
+gen2|gen3|gen-turns)
+    if [ "$STAGE" != gen-turns ]; then  # gen2: turns 0-6, gen3: turns 6-12
+        NAME=$STAGE; TURNS=6; SKIP_TURNS=0; [ "$STAGE" = gen3 ] && SKIP_TURNS=6
+    fi
     "$PY" -m lsrt.runtime.training.selfgen --target "$MODEL" --device "$DEVICE" --traces "${TRACES[@]}" \
         --out "$WORK/${NAME:?NAME=genN}.pt" --holdout 3 --exclude-traces 13:16 \
         --skip-turns "${SKIP_TURNS:-0}" --turns-per-trace "${TURNS:-6}" --max-new 256 \

@@ -358,10 +358,14 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _num_sms(device: torch.device) -> int:
     """Multiprocessors to fill (cached: the property query costs microseconds per call)."""
     if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        return _sm_count(_cuda_index(device))
     return 1  # the interpreter runs programs one by one: fewer is faster
 
 
@@ -370,13 +374,14 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _hopper_or_newer(device: torch.device) -> bool:
+    return device.type == "cuda" and _capability(_cuda_index(device)) >= (9, 0)
+
+
 def pdl_supported(device: torch.device) -> bool:
     """Programmatic dependent launch: a Hopper-or-newer GPU and a Triton with griddepcontrol
     (never under the CPU interpreter)."""
-    if device.type != "cuda" or gdc_wait is None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index) >= (9, 0)
+    return gdc_wait is not None and _hopper_or_newer(device)
 
 
 def tma_usable(want: bool | None, k_cache_layer: torch.Tensor, v_cache_layer: torch.Tensor,
@@ -389,8 +394,9 @@ def tma_usable(want: bool | None, k_cache_layer: torch.Tensor, v_cache_layer: to
     pages, TMA made the 128-row tile 6% faster (n = 64: 349 -> 329 µs at 128K, 108 -> 102 at
     32K) and the short tiles 9-13% slower (32K n = 1: 54 -> 61 µs), so short tiles keep the
     gather (docs/BENCHMARKS.md, round 10)."""
-    if want is None and block_m < TMA_MIN_ROWS:
-        return False
+    device = k_cache_layer.device
+    if want is False or (want is None and (block_m < TMA_MIN_ROWS or device.type != "cuda")):
+        return False  # on the interpreter only when asked (tests)
     reasons = []
     if TensorDescriptor is None:
         reasons.append("this Triton has no tensor descriptors")
@@ -402,18 +408,13 @@ def tma_usable(want: bool | None, k_cache_layer: torch.Tensor, v_cache_layer: to
             reasons.append("the K/V layers are not [Hkv * num_slots, head_dim] matrices with "
                            "16-byte-aligned rows")
             break
-    device = k_cache_layer.device
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if _capability(index) < (9, 0):
-            reasons.append("TMA needs a Hopper-or-newer GPU")
-    elif want is None:
-        return False  # the interpreter only when asked (tests)
-    if want is False or (want is None and reasons):
+    if device.type == "cuda" and not _hopper_or_newer(device):
+        reasons.append("TMA needs a Hopper-or-newer GPU")
+    if not reasons:
+        return True
+    if want is None:
         return False
-    if reasons:
-        raise ValueError("TreeAttentionConfig.tma: " + "; ".join(reasons))
-    return True
+    raise ValueError("TreeAttentionConfig.tma: " + "; ".join(reasons))
 
 
 def tma_descriptors(k_cache_layer: torch.Tensor, v_cache_layer: torch.Tensor, block_n: int
