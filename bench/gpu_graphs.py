@@ -1,7 +1,7 @@
 """Decode / verify step latency with and without CUDA graphs, random weights with real shapes.
 
     python bench/gpu_graphs.py [--models smollm2 llama3-8b] [--repeats 20] [--out FILE]
-        [--elementwise torch triton]
+        [--elementwise torch triton] [--block-size 16] [--hf]
 
 SmolLM2-135M shape: plain decode step (1 token) at 2K and 6K context, eager vs graphs, and
 tokens/s of a 64-token greedy decode loop (verify + argmax + commit, host work included).
@@ -10,7 +10,9 @@ beside the HBM floor (weight bytes + KV bytes) / measured copy bandwidth. Step t
 wall-clock medians (host work included, synchronised after each step) after warm-up. The KV
 pool holds random values standing in for a prefilled context (latency does not depend on them).
 Each `--elementwise` choice (the decoder's norms / RoPE + KV write / SiLU-mul: torch references
-or the Triton kernels) is measured on the same weights, one after the other.
+or the Triton kernels) is measured on the same weights, one after the other. --hf: then
+transformers' `generate` per-token latency on the Llama-3.1-8B shape at the same contexts, in
+the same run (`gpu_step.hf_rows`; a context it cannot hold prints as out of memory).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 
 import torch
 
-from gpu_step import copy_bandwidth  # the same bandwidth probe as the step benchmark
+from gpu_step import copy_bandwidth, hf_rows  # the same probes as the step benchmark
 
 SHAPES = {
     "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
@@ -168,6 +170,8 @@ def main() -> None:
     ap.add_argument("--elementwise", nargs="+", default=["torch", "triton"],
                     choices=["torch", "triton"])
     ap.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
+    ap.add_argument("--hf", action="store_true",
+                    help="also transformers' generate on the Llama-3.1-8B shape, same contexts")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench/gpu_graphs.py needs a CUDA device")
@@ -182,6 +186,9 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for shape in args.models:
         lines += model_rows(shape, args.repeats, bw, args.elementwise, args.block_size)
+    if args.hf:
+        lines += hf_rows(argparse.Namespace(shape="llama3-8b", contexts=PLAN["llama3-8b"][0],
+                                            device="cuda"))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

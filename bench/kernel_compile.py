@@ -2,7 +2,7 @@
 memory and where the matrix-product operands live, for one launch shape on a chosen target.
 
     python bench/kernel_compile.py [--arch 90] [--block-m 128] [--num-warps 4] [--block-n N]
-        [--num-stages N] [--prefetch-pages 0|1] [--tma 0|1] [--page 16] [--group 4]
+        [--num-stages N] [--prefetch-pages 0|1] [--tma 0|1] [--halves 0|1] [--page 16] [--group 4]
         [--head-dim 128] [--keep DIR]
 
 It compiles `kernels/attention/triton_tree.py::_tree_partial_kernel` (bf16, a tree mask, 16-token
@@ -42,7 +42,8 @@ def compile_kernel(args: argparse.Namespace):
     names = list(inspect.signature(kernel.fn).parameters)
     const = dict(GROUP=args.group, HEAD_DIM=args.head_dim, BLOCK_M=args.block_m,
                  BLOCK_N=args.block_n, PAGE=args.page, CAUSAL=False, IS_FP32=False, ROWS_FIRST=True,
-                 PDL=False, WS=False, PREFETCH=args.prefetch_pages, TMA=bool(args.tma))
+                 PDL=False, WS=False, PREFETCH=args.prefetch_pages, TMA=bool(args.tma),
+                 HALVES=args.halves)
     desc = f"tensordesc<bf16[{args.block_n}, {args.head_dim}]>" if args.tma else "*bf16"
     signature = {}
     for name in names:
@@ -119,14 +120,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="TreeAttentionConfig.prefetch_pages (default: the shipped choice)")
     parser.add_argument("--tma", type=int, choices=(0, 1), default=0,
                         help="TreeAttentionConfig.tma (key tiles through TMA descriptors)")
+    parser.add_argument("--halves", type=int, choices=(0, 1), default=None,
+                        help="TreeAttentionConfig.halves (default: the shipped choice)")
     parser.add_argument("--page", type=int, default=16, help="tokens per KV page")
     parser.add_argument("--keep", default=None, help="a folder for the TTGIR and PTX")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: an interpreted kernel cannot be compiled")
-    from lsrt.kernels.attention.triton_tree import tiles
+    from lsrt.kernels.attention.triton_tree import halves_for, tiles
 
     prefetch = None if args.prefetch_pages is None else bool(args.prefetch_pages)
+    args.halves = halves_for(None if args.halves is None else bool(args.halves), args.block_m)
     args.block_n, args.num_stages, args.prefetch_pages = tiles(
         args.block_m, args.block_n, args.num_stages, prefetch)
     compiled = compile_kernel(args)
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"_tree_partial_kernel, sm_{args.arch}, Triton {triton.__version__}: block_m "
           f"{args.block_m}, {args.num_warps} warps, block_n {args.block_n}, "
           f"{args.num_stages} stages, page ids prefetched: {args.prefetch_pages}, TMA: "
-          f"{bool(args.tma)}, {args.page}-token pages, group "
+          f"{bool(args.tma)}, halves: {args.halves}, {args.page}-token pages, group "
           f"{args.group}, head_dim {args.head_dim}, bf16")
     print("\n| what | value |\n| --- | --- |")
     for key, value in summary(compiled, report).items():

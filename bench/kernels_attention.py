@@ -132,7 +132,7 @@ def sweep_configs(grid: str):
     """TreeAttentionConfigs over a grid like "block_m=None,256 block_n=64,128" (the product)."""
     from lsrt.kernels.attention.triton_tree import TreeAttentionConfig
 
-    flags = ("pdl", "warp_specialize", "rows_first", "prefetch_pages", "tma")
+    flags = ("pdl", "warp_specialize", "rows_first", "prefetch_pages", "tma", "halves")
     axes = {}
     for item in grid.split():
         name, values = item.split("=")
@@ -145,7 +145,8 @@ def sweep_configs(grid: str):
 def describe(cfg) -> str:
     flags = "".join(f" {name}" for name, value in
                     (("pdl", cfg.pdl), ("ws", cfg.warp_specialize), ("pf", cfg.prefetch_pages),
-                     ("tma", cfg.tma), ("no-tma", cfg.tma is False))
+                     ("tma", cfg.tma), ("no-tma", cfg.tma is False), ("halves", cfg.halves),
+                      ("no-halves", cfg.halves is False))
                     if value)
     return (f"bm{cfg.block_m} bn{cfg.block_n} wv{cfg.waves} st{cfg.num_stages} "
             f"nw{cfg.num_warps}{flags}")

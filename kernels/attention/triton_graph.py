@@ -9,8 +9,8 @@ the host, so partitions and results match the eager kernel), and programs whose 
 or past `prefix_len` run no iterations and write an empty partial (lse = -inf), which the reduce
 ignores. `max_prefix` only sets the parallelism: any prefix the block table holds is correct.
 
-Same math and layout as `triton_tree`, whose prologue, prefix and tree loops, epilogue and reduce
-kernel are reused: all n queries x `group` query heads of a KV head share each K/V tile load.
+Same math and layout as `triton_tree`, whose prefix and tree programs and reduce kernel are
+reused: all n queries x `group` query heads of a KV head share each K/V tile load.
 This module imports Triton: import it only where `lsrt.kernels.triton_available()` is true.
 """
 
@@ -23,9 +23,8 @@ import triton
 import triton.language as tl
 
 from lsrt.kernels.attention.triton_tree import (
-    _LOG2E, _attend_new, _attend_prefix, _load_rows, _num_sms, _program_ids, _store_partial,
-    gdc_launch_dependents, grid_of, launch_reduce, pdl_supported, tiles, tma_descriptors,
-    tma_usable)
+    _LOG2E, _new_program, _num_sms, _prefix_program, _program_ids, gdc_launch_dependents,
+    grid_of, halves_for, launch_reduce, pdl_supported, tiles, tma_descriptors, tma_usable)
 from lsrt.runtime.errors import InvalidRequest
 
 
@@ -45,6 +44,7 @@ class GraphAttentionConfig:
     warp_specialize: bool = False   # see `triton_tree.TreeAttentionConfig`
     prefetch_pages: bool | None = None  # likewise (None: `tiles`)
     tma: bool | None = None         # likewise (None: `triton_tree.tma_usable`)
+    halves: bool | None = None      # likewise (None: `triton_tree.halves_for`)
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -67,32 +67,28 @@ def _graph_partial_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MIN_SPLIT: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
     ROWS_FIRST: tl.constexpr, PDL: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr,
-    TMA: tl.constexpr,
+    TMA: tl.constexpr, HALVES: tl.constexpr,
 ):
     if PDL:
         gdc_launch_dependents()
     kvh, split, row_tile = _program_ids(ROWS_FIRST)
-    rows, qi, row_ok, q = _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh, GROUP,
-                                     HEAD_DIM, BLOCK_M)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if split < num_prefix_splits:
         prefix_len = tl.load(plen_ptr).to(tl.int32)
         per_split = tl.cdiv(tl.cdiv(prefix_len, num_prefix_splits), BLOCK_N) * BLOCK_N
         split_len = tl.maximum(per_split, MIN_SPLIT)
         start = split * split_len
-        end = tl.minimum(start + split_len, prefix_len)  # <= start: an empty partial
-        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, k_desc, v_desc,
-                                       head_rows, bt_ptr, start, end, qk_scale, stride_kch,
-                                       stride_kcs, stride_vch, stride_vcs, HEAD_DIM, BLOCK_N,
-                                       PAGE, IS_FP32, WS, PREFETCH, TMA)
+        # end <= start: an empty partial
+        _prefix_program(q_ptr, kc_ptr, vc_ptr, k_desc, v_desc, head_rows, bt_ptr, po_ptr,
+                        pl_ptr, kvh, split, row_tile, n_q, start,
+                        tl.minimum(start + split_len, prefix_len), qk_scale, stride_qn,
+                        stride_qh, stride_kch, stride_kcs, stride_vch, stride_vcs, stride_po_s,
+                        stride_po_h, stride_pl_s, stride_pl_h, GROUP, HEAD_DIM, BLOCK_M,
+                        BLOCK_N, PAGE, IS_FP32, WS, PREFETCH, TMA, HALVES)
     else:  # the tree: n_q new keys under the mask
-        m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
-                                    n_q, n_q, 0, qk_scale, stride_knn, stride_knh, stride_vnn,
-                                    stride_vnh, stride_mask, HEAD_DIM, BLOCK_N, False, IS_FP32)
-    _store_partial(po_ptr, pl_ptr, kvh, split, rows, row_ok, m_i, l_i, acc, stride_po_s,
-                   stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM)
+        _new_program(q_ptr, kn_ptr, vn_ptr, mask_ptr, po_ptr, pl_ptr, kvh, split, row_tile, n_q,
+                     n_q, 0, qk_scale, stride_qn, stride_qh, stride_knn, stride_knh, stride_vnn,
+                     stride_vnh, stride_mask, stride_po_s, stride_po_h, stride_pl_s,
+                     stride_pl_h, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, False, IS_FP32)
 
 
 def plan(cfg: GraphAttentionConfig, n_q: int, group: int, hkv: int, max_prefix: int,
@@ -181,7 +177,8 @@ def paged_hybrid_attention_graph(
         GROUP=group, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
         MIN_SPLIT=cfg.min_split_tiles * block_n, PAGE=block_size,
         IS_FP32=q.dtype == torch.float32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
-        WS=cfg.warp_specialize, PREFETCH=prefetch, TMA=tma, num_warps=cfg.num_warps,
+        WS=cfg.warp_specialize, PREFETCH=prefetch, TMA=tma,
+        HALVES=halves_for(cfg.halves, block_m), num_warps=cfg.num_warps,
         num_stages=stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

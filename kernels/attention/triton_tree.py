@@ -42,6 +42,9 @@ REDUCE_SPLITS = 64
 # Row tiles at least this tall read their key tiles through TMA where the pages allow it
 # (`tma_usable`).
 TMA_MIN_ROWS = 128
+# Row tiles at least this tall run as two halves by default (`halves_for`): each half is one
+# warpgroup's 64-row wgmma.
+HALVES_MIN_ROWS = 128
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +71,10 @@ class TreeAttentionConfig:
     # multiple of block_n). None: for 128-row tiles where possible on a Hopper-or-newer GPU
     # (see `tma_usable`).
     tma: bool | None = None
+    # Split each prefix program's row tile into two halves that share every K/V tile, so one
+    # half's softmax overlaps the other half's matrix products (see `_attend_prefix_halves`).
+    # None: for row tiles of at least `HALVES_MIN_ROWS` (see `halves_for`).
+    halves: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -79,6 +86,15 @@ class TreeAttentionConfig:
                              "(and of block_n)")
         if self.waves <= 0 or (self.num_stages is not None and self.num_stages <= 0):
             raise ValueError("TreeAttentionConfig.waves and num_stages must be positive")
+
+
+def halves_for(want: bool | None, block_m: int) -> bool:
+    """Whether a launch with `block_m`-row tiles runs its prefix programs as two halves."""
+    if want is None:
+        return block_m >= HALVES_MIN_ROWS
+    if want and (block_m < 32):
+        raise ValueError(f"halves need row tiles of at least 32 rows, not {block_m}")
+    return want
 
 
 def tiles(block_m: int, block_n: int | None, num_stages: int | None,
@@ -233,6 +249,93 @@ def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, k_desc, v_desc, head_r
 
 
 @triton.jit
+def _attend_prefix_halves(q_a, q_b, m_a, l_a, acc_a, m_b, l_b, acc_b, kvh, kc_ptr, vc_ptr,
+                          k_desc, v_desc, head_rows, bt_ptr, start, end, qk_scale, stride_kch,
+                          stride_kcs, stride_vch, stride_vcs, HEAD_DIM: tl.constexpr,
+                          BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IS_FP32: tl.constexpr,
+                          TMA: tl.constexpr):
+    """`_attend_prefix` for a row tile held as two halves (a, b) that share each K/V tile.
+
+    Both halves' score products are issued before either softmax, so the tensor cores work
+    on b's scores while a's softmax runs, and on a's P @ V while b's runs (FlashAttention-3's
+    overlap of softmax and wgmma within one warpgroup, here left to the compiler's schedule
+    of two independent chains). Registers stay those of one full-height tile.
+    """
+    kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
+    vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
+    full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
+    d = tl.arange(0, HEAD_DIM)
+    head_row = kvh * head_rows
+    for n0 in tl.range(start, full_end, BLOCK_N):
+        if TMA:
+            row = head_row + tl.load(bt_ptr + n0 // PAGE).to(tl.int32) * PAGE + n0 % PAGE
+            k = k_desc.load([row, 0])
+            v = v_desc.load([row, 0])
+        else:
+            pos = n0 + tl.arange(0, BLOCK_N)
+            slot = tl.load(bt_ptr + pos // PAGE).to(tl.int64) * PAGE + pos % PAGE
+            k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :])
+            v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :])
+        s_a = _qk(q_a, k, IS_FP32)
+        s_b = _qk(q_b, k, IS_FP32)
+        m_a, l_a, acc_a = _online_update(s_a, v, m_a, l_a, acc_a, qk_scale, IS_FP32)
+        m_b, l_b, acc_b = _online_update(s_b, v, m_b, l_b, acc_b, qk_scale, IS_FP32)
+    if full_end < end:
+        m_a, l_a, acc_a = _prefix_tile(q_a, m_a, l_a, acc_a, kc_base, vc_base, bt_ptr, full_end,
+                                       end, qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N,
+                                       PAGE, True, IS_FP32)
+        m_b, l_b, acc_b = _prefix_tile(q_b, m_b, l_b, acc_b, kc_base, vc_base, bt_ptr, full_end,
+                                       end, qk_scale, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N,
+                                       PAGE, True, IS_FP32)
+    return m_a, l_a, acc_a, m_b, l_b, acc_b
+
+
+@triton.jit
+def _init_state(BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """An empty online-softmax state (m, l, acc) for BLOCK_M rows."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, HEAD_DIM], tl.float32))
+
+
+@triton.jit
+def _prefix_program(q_ptr, kc_ptr, vc_ptr, k_desc, v_desc, head_rows, bt_ptr, po_ptr, pl_ptr,
+                    kvh, split, row_tile, n_q, start, end, qk_scale, stride_qn, stride_qh,
+                    stride_kch, stride_kcs, stride_vch, stride_vcs, stride_po_s, stride_po_h,
+                    stride_pl_s, stride_pl_h, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+                    IS_FP32: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr,
+                    TMA: tl.constexpr, HALVES: tl.constexpr):
+    """A prefix split's program: its rows over prefix positions [start, end), then its
+    partial. HALVES: the row tile as two halves (`_attend_prefix_halves`)."""
+    if HALVES:
+        HALF: tl.constexpr = BLOCK_M // 2
+        rows_a, qi_a, ok_a, q_a = _load_rows(q_ptr, kvh, 2 * row_tile, n_q, stride_qn,
+                                             stride_qh, GROUP, HEAD_DIM, HALF)
+        rows_b, qi_b, ok_b, q_b = _load_rows(q_ptr, kvh, 2 * row_tile + 1, n_q, stride_qn,
+                                             stride_qh, GROUP, HEAD_DIM, HALF)
+        m_a, l_a, acc_a = _init_state(HALF, HEAD_DIM)
+        m_b, l_b, acc_b = _init_state(HALF, HEAD_DIM)
+        m_a, l_a, acc_a, m_b, l_b, acc_b = _attend_prefix_halves(
+            q_a, q_b, m_a, l_a, acc_a, m_b, l_b, acc_b, kvh, kc_ptr, vc_ptr, k_desc, v_desc,
+            head_rows, bt_ptr, start, end, qk_scale, stride_kch, stride_kcs, stride_vch,
+            stride_vcs, HEAD_DIM, BLOCK_N, PAGE, IS_FP32, TMA)
+        _store_partial(po_ptr, pl_ptr, kvh, split, rows_a, ok_a, m_a, l_a, acc_a, stride_po_s,
+                       stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM)
+        _store_partial(po_ptr, pl_ptr, kvh, split, rows_b, ok_b, m_b, l_b, acc_b, stride_po_s,
+                       stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM)
+    else:
+        rows, qi, row_ok, q = _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh,
+                                         GROUP, HEAD_DIM, BLOCK_M)
+        m_i, l_i, acc = _init_state(BLOCK_M, HEAD_DIM)
+        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, k_desc, v_desc,
+                                       head_rows, bt_ptr, start, end, qk_scale, stride_kch,
+                                       stride_kcs, stride_vch, stride_vcs, HEAD_DIM, BLOCK_N,
+                                       PAGE, IS_FP32, WS, PREFETCH, TMA)
+        _store_partial(po_ptr, pl_ptr, kvh, split, rows, row_ok, m_i, l_i, acc, stride_po_s,
+                       stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM)
+
+
+@triton.jit
 def _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr, n_new, hi,
                 q_offset, qk_scale, stride_knn, stride_knh, stride_vnn, stride_vnh, stride_mask,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
@@ -259,6 +362,30 @@ def _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr, n_n
 
 
 @triton.jit
+def _new_program(q_ptr, kn_ptr, vn_ptr, mask_ptr, po_ptr, pl_ptr, kvh, split, row_tile, n_q,
+                 n_new, q_offset, qk_scale, stride_qn, stride_qh, stride_knn, stride_knh,
+                 stride_vnn, stride_vnh, stride_mask, stride_po_s, stride_po_h, stride_pl_s,
+                 stride_pl_h, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                 IS_FP32: tl.constexpr):
+    """The last split's program: its rows over the new keys (`_attend_new`), then its
+    partial."""
+    rows, qi, row_ok, q = _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh, GROUP,
+                                     HEAD_DIM, BLOCK_M)
+    m_i, l_i, acc = _init_state(BLOCK_M, HEAD_DIM)
+    hi = n_new
+    if CAUSAL:
+        last_q = (row_tile * BLOCK_M + BLOCK_M - 1) // GROUP
+        hi = tl.minimum(n_new, q_offset + last_q + 1)
+    m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
+                                n_new, hi, q_offset, qk_scale, stride_knn, stride_knh,
+                                stride_vnn, stride_vnh, stride_mask, HEAD_DIM, BLOCK_N, CAUSAL,
+                                IS_FP32)
+    _store_partial(po_ptr, pl_ptr, kvh, split, rows, row_ok, m_i, l_i, acc, stride_po_s,
+                   stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM)
+
+
+@triton.jit
 def _store_partial(po_ptr, pl_ptr, kvh, split, rows, row_ok, m_i, l_i, acc, stride_po_s,
                    stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM: tl.constexpr):
     """This split's normalised partial output and its log2-sum-exp (-inf where it saw no key)."""
@@ -282,33 +409,25 @@ def _tree_partial_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGE: tl.constexpr, CAUSAL: tl.constexpr, IS_FP32: tl.constexpr, ROWS_FIRST: tl.constexpr,
     PDL: tl.constexpr, WS: tl.constexpr, PREFETCH: tl.constexpr, TMA: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     if PDL:  # the reduce may launch now; its gdc_wait still waits for this whole grid
         gdc_launch_dependents()
     kvh, split, row_tile = _program_ids(ROWS_FIRST)
-    rows, qi, row_ok, q = _load_rows(q_ptr, kvh, row_tile, n_q, stride_qn, stride_qh, GROUP,
-                                     HEAD_DIM, BLOCK_M)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if split < num_prefix_splits:
         start = split * split_len
-        end = tl.minimum(start + split_len, prefix_len)
-        m_i, l_i, acc = _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, k_desc, v_desc,
-                                       head_rows, bt_ptr, start, end, qk_scale, stride_kch,
-                                       stride_kcs, stride_vch, stride_vcs, HEAD_DIM, BLOCK_N,
-                                       PAGE, IS_FP32, WS, PREFETCH, TMA)
+        _prefix_program(q_ptr, kc_ptr, vc_ptr, k_desc, v_desc, head_rows, bt_ptr, po_ptr,
+                        pl_ptr, kvh, split, row_tile, n_q, start,
+                        tl.minimum(start + split_len, prefix_len), qk_scale, stride_qn,
+                        stride_qh, stride_kch, stride_kcs, stride_vch, stride_vcs, stride_po_s,
+                        stride_po_h, stride_pl_s, stride_pl_h, GROUP, HEAD_DIM, BLOCK_M,
+                        BLOCK_N, PAGE, IS_FP32, WS, PREFETCH, TMA, HALVES)
     else:
-        hi = n_new
-        if CAUSAL:
-            last_q = (row_tile * BLOCK_M + BLOCK_M - 1) // GROUP
-            hi = tl.minimum(n_new, q_offset + last_q + 1)
-        m_i, l_i, acc = _attend_new(q, m_i, l_i, acc, kvh, qi, row_ok, kn_ptr, vn_ptr, mask_ptr,
-                                    n_new, hi, q_offset, qk_scale, stride_knn, stride_knh,
-                                    stride_vnn, stride_vnh, stride_mask, HEAD_DIM, BLOCK_N,
-                                    CAUSAL, IS_FP32)
-    _store_partial(po_ptr, pl_ptr, kvh, split, rows, row_ok, m_i, l_i, acc, stride_po_s,
-                   stride_po_h, stride_pl_s, stride_pl_h, HEAD_DIM)
+        _new_program(q_ptr, kn_ptr, vn_ptr, mask_ptr, po_ptr, pl_ptr, kvh, split, row_tile, n_q,
+                     n_new, q_offset, qk_scale, stride_qn, stride_qh, stride_knn, stride_knh,
+                     stride_vnn, stride_vnh, stride_mask, stride_po_s, stride_po_h,
+                     stride_pl_s, stride_pl_h, GROUP, HEAD_DIM, BLOCK_M, BLOCK_N, CAUSAL,
+                     IS_FP32)
 
 
 @triton.jit
@@ -543,7 +662,8 @@ def launch_hybrid(
         part_out.stride(0), part_out.stride(1), part_lse.stride(0), part_lse.stride(1),
         GROUP=group, HEAD_DIM=d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE=block_size,
         CAUSAL=mask is None, IS_FP32=is_fp32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
-        WS=cfg.warp_specialize, PREFETCH=plan.prefetch, TMA=tma, num_warps=plan.num_warps,
+        WS=cfg.warp_specialize, PREFETCH=plan.prefetch, TMA=tma,
+        HALVES=halves_for(cfg.halves, plan.block_m), num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

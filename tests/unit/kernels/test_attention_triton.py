@@ -125,6 +125,50 @@ def test_tma_refused_where_it_cannot_work() -> None:
                                atol=1e-4)
 
 
+# (n, hkv, group, head_dim, prefix_len, block_size, block_m, block_n, split_len, tma)
+HALVES_CASES = [
+    (10, 2, 4, 32, 185, 8, 32, 16, 64, False),   # 2 row tiles, the last half empty; partials
+    (7, 1, 4, 64, 300, 32, 64, 16, None, True),  # TMA tiles, splits from the shapes
+    (16, 2, 2, 32, 77, 16, 32, 16, 32, True),    # one row tile, 3 splits ending mid-tile
+]
+
+
+@pytest.mark.parametrize("case_args", HALVES_CASES,
+                         ids=lambda c: "n{}-h{}x{}-d{}-L{}-bs{}-bm{}".format(*c))
+def test_tree_kernel_halves(case_args: tuple) -> None:
+    """Row tiles run as two halves sharing each K/V tile (gathered or through TMA), with a
+    half of padding rows and splits ending in a partial tile: the reference's result."""
+    from lsrt.kernels.attention.triton_tree import TreeAttentionConfig, paged_hybrid_attention
+
+    n, hkv, group, d, length, bs, block_m, block_n, split_len, tma = case_args
+    gen = torch.Generator().manual_seed(n * 3 + length)
+    case = paged_case(n=n, hkv=hkv, group=group, d=d, prefix_len=length, block_size=bs, gen=gen,
+                      device=DEVICE)
+    mask = tree_mask(n, gen).to(DEVICE)
+    cfg = TreeAttentionConfig(block_m=block_m, block_n=block_n, split_len=split_len, tma=tma,
+                              halves=True)
+    out, lse = paged_hybrid_attention(**case, mask=mask, config=cfg)
+    want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
+    torch.testing.assert_close(out, want_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
+
+
+def test_halves_follow_the_row_tile_unless_given() -> None:
+    """halves=None: on for row tiles of HALVES_MIN_ROWS or more; given, it is kept, and a row
+    tile too short to halve (a half must be a 16-row matrix product) is refused by name."""
+    from lsrt.kernels.attention.triton_tree import (HALVES_MIN_ROWS, TreeAttentionConfig,
+                                                    halves_for, paged_hybrid_attention)
+
+    assert halves_for(None, HALVES_MIN_ROWS) and not halves_for(None, HALVES_MIN_ROWS // 2)
+    assert halves_for(True, 32) and not halves_for(False, 128)
+    gen = torch.Generator().manual_seed(2)
+    case = paged_case(n=4, hkv=1, group=2, d=16, prefix_len=40, block_size=16, gen=gen,
+                      device=DEVICE)  # 8 rows: a 16-row tile
+    with pytest.raises(ValueError, match="halves need row tiles of at least 32 rows, not 16"):
+        paged_hybrid_attention(**case, mask=tree_mask(4, gen).to(DEVICE),
+                               config=TreeAttentionConfig(halves=True))
+
+
 def test_tiles_follow_the_row_tile_unless_given() -> None:
     """Short row tiles (<= 64 rows) get 32-key tiles 3 stages deep with page ids prefetched,
     128-row tiles 64 keys x 2 stages; anything given explicitly is kept; a split length that is
@@ -200,13 +244,13 @@ def test_tree_kernel_bf16_long_context(length: int, n: int) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 @pytest.mark.parametrize("warp_specialize", [False, True], ids=["", "ws"])
-@pytest.mark.parametrize("other", ["", "prefetch_pages", "tma"])
+@pytest.mark.parametrize("other", ["", "prefetch_pages", "tma", "halves"])
 @pytest.mark.parametrize("n", [16, 64])
 def test_tree_kernel_launch_variants_bf16(pdl: bool, warp_specialize: bool, other: str,
                                           n: int) -> None:
     """The reduce launched early (programmatic dependent launch), the warp-specialised prefix
-    loop, page ids loaded a tile ahead and key tiles through TMA descriptors (64-token pages)
-    give the reference's result, like the plain launch (32K + 77: a partial last tile)."""
+    loop, page ids loaded a tile ahead, key tiles through TMA descriptors (64-token pages) and
+    row tiles as two halves give the reference's result, like the plain launch (32K + 77: a partial last tile)."""
     from lsrt.kernels.attention.triton_tree import (TreeAttentionConfig, paged_hybrid_attention,
                                                     pdl_supported)
 

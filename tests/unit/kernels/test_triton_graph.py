@@ -72,16 +72,18 @@ def test_graph_kernel_several_row_tiles_either_grid_order(rows_first: bool) -> N
     torch.testing.assert_close(lse, want_lse, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("other", ["", "prefetch_pages", "tma"])
+@pytest.mark.parametrize("other", ["", "prefetch_pages", "tma", "halves"])
 def test_one_launch_config_serves_every_length(other: str) -> None:
     """The same shapes, max_prefix and buffers with the device-side length changing (page ids
-    loaded a tile ahead or not; key tiles through TMA descriptors over 32-token pages)."""
+    loaded a tile ahead or not; key tiles through TMA descriptors over 32-token pages; the row
+    tile as two halves)."""
     from lsrt.kernels.attention.triton_graph import GraphAttentionConfig
 
     case, mask = _case(4, 2, 2, 32, 90, 32 if other == "tma" else 8, seed=5)
     plen = torch.zeros(1, dtype=torch.int64, device=DEVICE)
     cfg = GraphAttentionConfig(block_n=16, min_split_tiles=1, num_splits=4,
-                               **({other: True} if other else {}))
+                               **({other: True} if other else {}),
+                               **({"block_m": 32} if other == "halves" else {}))
     from lsrt.kernels.attention.triton_graph import paged_hybrid_attention_graph
 
     for length in (0, 1, 17, 63, 90):
@@ -109,7 +111,7 @@ def test_bf16_matches_reference() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE == "cpu", reason="needs CUDA")
 @pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
-@pytest.mark.parametrize("other", ["", "prefetch_pages", "tma"])
+@pytest.mark.parametrize("other", ["", "prefetch_pages", "tma", "halves"])
 def test_graph_kernel_in_a_cuda_graph(pdl: bool, other: str) -> None:
     """Captured once, replayed as the device-side length changes: with the reduce launched as a
     programmatic dependent (an edge of the graph) it still sees every partial; TMA descriptors
