@@ -7,8 +7,10 @@ they run far apart and each reads the KV from HBM). Splits 0..S-1 each cover a c
 prefix positions read through the block table; the last split covers the n new keys (a draft
 tree or a prefill chunk) under their mask. Every program packs the rows of all n queries x all
 `group` query heads of its KV head into the M dimension of `tl.dot`, so each K/V tile is loaded
-once per KV head (per row tile) instead of once per query head and query. Each split writes a
-normalised partial output and its log2-sum-exp; the reduce kernel merges the splits.
+once per KV head (per row tile) instead of once per query head and query. A 128-row prefix
+program holds its rows as two 64-row halves (`halves`) so that one half's softmax runs while the
+tensor cores work on the other's products. Each split writes a normalised partial output and its
+log2-sum-exp; the reduce kernel merges the splits.
 
 Row r of a KV head's M dimension is query r // group, query head kv_head * group + r % group.
 Scores are kept in log2 units (scale * log2(e) folded into one multiplier, exp2 throughout).

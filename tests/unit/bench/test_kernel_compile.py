@@ -66,6 +66,25 @@ def test_tma_build_copies_key_tiles_with_tma():
     assert counts["1"][1] < counts["0"][1]
 
 
+def test_halves_build_scores_each_half_on_its_own(tmp_path):
+    """--halves 1 (the default for 128-row tiles): the prefix loop's score products are two
+    64-row wgmmas (a [64, 64] result each) in place of one 128-row product; --halves 0 has
+    none of those."""
+    ttgir = {}
+    for halves in ("0", "1"):
+        run = _run("--arch", "90", "--page", "64", "--tma", "1", "--halves", halves, "--keep",
+                   str(tmp_path / halves))
+        if run.returncode and "no ptxas in the Triton wheel" in run.stderr:
+            pytest.skip(run.stderr.strip().splitlines()[-1])
+        assert run.returncode == 0, run.stderr
+        assert f"halves: {halves == '1'}" in run.stdout
+        ttgir[halves] = [line for line in (tmp_path / halves / "tree_partial.ttgir").read_text()
+                         .splitlines() if "warp_group_dot " in line]
+    half_scores = "-> tensor<64x64xf32"
+    assert sum(half_scores in line for line in ttgir["1"]) >= 2
+    assert not any(half_scores in line for line in ttgir["0"])
+
+
 def test_refuses_to_run_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, str(BENCH / "kernel_compile.py")], env=env,
