@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     from lsrt.kernels.attention.triton_tree import halves_for, tiles
 
     prefetch = None if args.prefetch_pages is None else bool(args.prefetch_pages)
-    args.halves = halves_for(None if args.halves is None else bool(args.halves), args.block_m)
+    args.halves = halves_for(None if args.halves is None else bool(args.halves), args.block_m,
+                             prefetch is True)
     args.block_n, args.num_stages, args.prefetch_pages = tiles(
         args.block_m, args.block_n, args.num_stages, prefetch)
     compiled = compile_kernel(args)

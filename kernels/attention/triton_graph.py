@@ -178,7 +178,9 @@ def paged_hybrid_attention_graph(
         MIN_SPLIT=cfg.min_split_tiles * block_n, PAGE=block_size,
         IS_FP32=q.dtype == torch.float32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
         WS=cfg.warp_specialize, PREFETCH=prefetch, TMA=tma,
-        HALVES=halves_for(cfg.halves, block_m), num_warps=cfg.num_warps,
+        HALVES=halves_for(cfg.halves, block_m,
+                          cfg.warp_specialize or cfg.prefetch_pages is True),
+        num_warps=cfg.num_warps,
         num_stages=stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

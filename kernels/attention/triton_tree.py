@@ -75,7 +75,8 @@ class TreeAttentionConfig:
     tma: bool | None = None
     # Split each prefix program's row tile into two halves that share every K/V tile, so one
     # half's softmax overlaps the other half's matrix products (see `_attend_prefix_halves`).
-    # None: for row tiles of at least `HALVES_MIN_ROWS` (see `halves_for`).
+    # None: for row tiles of at least `HALVES_MIN_ROWS` unless warp_specialize or
+    # prefetch_pages is asked for (the halves loop has neither; see `halves_for`).
     halves: bool | None = None
 
     def __post_init__(self) -> None:
@@ -90,10 +91,15 @@ class TreeAttentionConfig:
             raise ValueError("TreeAttentionConfig.waves and num_stages must be positive")
 
 
-def halves_for(want: bool | None, block_m: int) -> bool:
-    """Whether a launch with `block_m`-row tiles runs its prefix programs as two halves."""
+def halves_for(want: bool | None, block_m: int, whole_tile_loop: bool = False) -> bool:
+    """Whether a launch with `block_m`-row tiles runs its prefix programs as two halves.
+
+    The halves loop has neither warp specialisation nor page ids loaded ahead: None turns it
+    on for tall row tiles unless one of those was asked for (`whole_tile_loop`); True runs it
+    regardless.
+    """
     if want is None:
-        return block_m >= HALVES_MIN_ROWS
+        return block_m >= HALVES_MIN_ROWS and not whole_tile_loop
     if want and (block_m < 32):
         raise ValueError(f"halves need row tiles of at least 32 rows, not {block_m}")
     return want
@@ -665,7 +671,9 @@ def launch_hybrid(
         GROUP=group, HEAD_DIM=d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE=block_size,
         CAUSAL=mask is None, IS_FP32=is_fp32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
         WS=cfg.warp_specialize, PREFETCH=plan.prefetch, TMA=tma,
-        HALVES=halves_for(cfg.halves, plan.block_m), num_warps=plan.num_warps,
+        HALVES=halves_for(cfg.halves, plan.block_m,
+                          cfg.warp_specialize or cfg.prefetch_pages is True),
+        num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

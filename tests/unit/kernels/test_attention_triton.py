@@ -154,13 +154,16 @@ def test_tree_kernel_halves(case_args: tuple) -> None:
 
 
 def test_halves_follow_the_row_tile_unless_given() -> None:
-    """halves=None: on for row tiles of HALVES_MIN_ROWS or more; given, it is kept, and a row
-    tile too short to halve (a half must be a 16-row matrix product) is refused by name."""
+    """halves=None: on for row tiles of HALVES_MIN_ROWS or more, unless warp specialisation or
+    page-id prefetch (which only the whole-tile loop has) is asked for; given, it is kept, and
+    a row tile too short to halve (a half must be a 16-row matrix product) is refused by name."""
     from lsrt.kernels.attention.triton_tree import (HALVES_MIN_ROWS, TreeAttentionConfig,
                                                     halves_for, paged_hybrid_attention)
 
     assert halves_for(None, HALVES_MIN_ROWS) and not halves_for(None, HALVES_MIN_ROWS // 2)
-    assert halves_for(True, 32) and not halves_for(False, 128)
+    assert not halves_for(None, HALVES_MIN_ROWS, whole_tile_loop=True)
+    assert halves_for(True, 32) and halves_for(True, 128, whole_tile_loop=True)
+    assert not halves_for(False, 128)
     gen = torch.Generator().manual_seed(2)
     case = paged_case(n=4, hkv=1, group=2, d=16, prefix_len=40, block_size=16, gen=gen,
                       device=DEVICE)  # 8 rows: a 16-row tile
@@ -226,12 +229,15 @@ def test_prefill_kernel_chunks_queries_causally() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("length", [8192, 32768 + 77])
+@pytest.mark.parametrize("length", [8192, 32768 + 77, 131072 + 13])
 @pytest.mark.parametrize("n", [1, 16, 64])
-def test_tree_kernel_bf16_long_context(length: int, n: int) -> None:
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_tree_kernel_bf16_long_context(length: int, n: int, block_size: int) -> None:
+    """The default launch at 8K-128K, 16-token pages (the gather) and 64-token pages (the GPU
+    runtime's default: TMA and halves for the 128-row tile of n = 64)."""
     gen = torch.Generator().manual_seed(length + n)
-    case = paged_case(n=n, hkv=8, group=4, d=128, prefix_len=length, block_size=16, gen=gen,
-                      dtype=torch.bfloat16, device="cuda")
+    case = paged_case(n=n, hkv=8, group=4, d=128, prefix_len=length, block_size=block_size,
+                      gen=gen, dtype=torch.bfloat16, device="cuda")
     mask = tree_mask(n, gen).cuda()
     out, lse = get_attention_backend("triton").paged_hybrid_attention(**case, mask=mask)
     want_out, want_lse = ref.paged_hybrid_attention(**case, mask=mask)
@@ -250,7 +256,8 @@ def test_tree_kernel_launch_variants_bf16(pdl: bool, warp_specialize: bool, othe
                                           n: int) -> None:
     """The reduce launched early (programmatic dependent launch), the warp-specialised prefix
     loop, page ids loaded a tile ahead, key tiles through TMA descriptors (64-token pages) and
-    row tiles as two halves give the reference's result, like the plain launch (32K + 77: a partial last tile)."""
+    row tiles as two halves give the reference's result, like the plain launch (32K + 77: a
+    partial last tile)."""
     from lsrt.kernels.attention.triton_tree import (TreeAttentionConfig, paged_hybrid_attention,
                                                     pdl_supported)
 
