@@ -2,8 +2,8 @@
 memory and where the matrix-product operands live, for one launch shape on a chosen target.
 
     python bench/kernel_compile.py [--arch 90] [--block-m 128] [--num-warps 4] [--block-n N]
-        [--num-stages N] [--prefetch-pages 0|1] [--tma 0|1] [--halves 0|1] [--page 16] [--group 4]
-        [--head-dim 128] [--keep DIR]
+        [--num-stages N] [--prefetch-pages 0|1] [--tma 0|1] [--halves 0|1] [--page 16]
+        [--group 4] [--head-dim 128] [--keep DIR]
 
 It compiles `kernels/attention/triton_tree.py::_tree_partial_kernel` (bf16, a tree mask, 16-token
 pages unless --page; --tma 1: whole key tiles through TMA descriptors, which needs a page that
