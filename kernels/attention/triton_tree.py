@@ -100,7 +100,7 @@ def halves_for(want: bool | None, block_m: int, whole_tile_loop: bool = False) -
     """
     if want is None:
         return block_m >= HALVES_MIN_ROWS and not whole_tile_loop
-    if want and (block_m < 32):
+    if want and block_m < 32:
         raise ValueError(f"halves need row tiles of at least 32 rows, not {block_m}")
     return want
 
@@ -198,15 +198,32 @@ def _prefix_tile(q, m_i, l_i, acc, kc_base, vc_base, bt_ptr, n0, end, qk_scale, 
 
 
 @triton.jit
+def _gather_tile(kc_base, vc_base, blk, n0, stride_kcs, stride_vcs, HEAD_DIM: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PAGE: tl.constexpr):
+    """(K, V) of prefix positions [n0, n0 + BLOCK_N), all < end, by per-row addresses given
+    each position's page id `blk` [BLOCK_N]."""
+    d = tl.arange(0, HEAD_DIM)
+    slot = blk.to(tl.int64) * PAGE + (n0 + tl.arange(0, BLOCK_N)) % PAGE
+    return (tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :]),
+            tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :]))
+
+
+@triton.jit
+def _tma_tile(k_desc, v_desc, head_row, bt_ptr, n0, PAGE: tl.constexpr):
+    """(K, V) of prefix positions [n0, n0 + BLOCK_N), a whole tile inside one page, by one
+    TMA copy each (rows of the layer's [Hkv * head_rows, HEAD_DIM] matrix)."""
+    row = head_row + tl.load(bt_ptr + n0 // PAGE).to(tl.int32) * PAGE + n0 % PAGE
+    return k_desc.load([row, 0]), v_desc.load([row, 0])
+
+
+@triton.jit
 def _whole_tile(q, m_i, l_i, acc, kc_base, vc_base, blk, n0, qk_scale, stride_kcs, stride_vcs,
                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
                 IS_FP32: tl.constexpr):
     """The key tile at prefix positions [n0, n0 + BLOCK_N), all < end, given each position's
     page id `blk` [BLOCK_N]."""
-    d = tl.arange(0, HEAD_DIM)
-    slot = blk.to(tl.int64) * PAGE + (n0 + tl.arange(0, BLOCK_N)) % PAGE
-    k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :])
-    v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :])
+    k, v = _gather_tile(kc_base, vc_base, blk, n0, stride_kcs, stride_vcs, HEAD_DIM, BLOCK_N,
+                        PAGE)
     return _online_update(_qk(q, k, IS_FP32), v, m_i, l_i, acc, qk_scale, IS_FP32)
 
 
@@ -229,9 +246,7 @@ def _attend_prefix(q, m_i, l_i, acc, kvh, kc_ptr, vc_ptr, k_desc, v_desc, head_r
     if TMA:
         head_row = kvh * head_rows
         for n0 in tl.range(start, full_end, BLOCK_N, warp_specialize=WS):
-            row = head_row + tl.load(bt_ptr + n0 // PAGE).to(tl.int32) * PAGE + n0 % PAGE
-            k = k_desc.load([row, 0])
-            v = v_desc.load([row, 0])
+            k, v = _tma_tile(k_desc, v_desc, head_row, bt_ptr, n0, PAGE)
             m_i, l_i, acc = _online_update(_qk(q, k, IS_FP32), v, m_i, l_i, acc, qk_scale,
                                            IS_FP32)
     elif PREFETCH:
@@ -272,18 +287,14 @@ def _attend_prefix_halves(q_a, q_b, m_a, l_a, acc_a, m_b, l_b, acc_b, kvh, kc_pt
     kc_base = kc_ptr + kvh.to(tl.int64) * stride_kch
     vc_base = vc_ptr + kvh.to(tl.int64) * stride_vch
     full_end = start + (tl.maximum(end - start, 0) // BLOCK_N) * BLOCK_N
-    d = tl.arange(0, HEAD_DIM)
     head_row = kvh * head_rows
     for n0 in tl.range(start, full_end, BLOCK_N):
         if TMA:
-            row = head_row + tl.load(bt_ptr + n0 // PAGE).to(tl.int32) * PAGE + n0 % PAGE
-            k = k_desc.load([row, 0])
-            v = v_desc.load([row, 0])
+            k, v = _tma_tile(k_desc, v_desc, head_row, bt_ptr, n0, PAGE)
         else:
-            pos = n0 + tl.arange(0, BLOCK_N)
-            slot = tl.load(bt_ptr + pos // PAGE).to(tl.int64) * PAGE + pos % PAGE
-            k = tl.load(kc_base + slot[:, None] * stride_kcs + d[None, :])
-            v = tl.load(vc_base + slot[:, None] * stride_vcs + d[None, :])
+            k, v = _gather_tile(kc_base, vc_base, tl.load(bt_ptr + (n0 + tl.arange(0, BLOCK_N))
+                                                          // PAGE), n0, stride_kcs, stride_vcs,
+                                HEAD_DIM, BLOCK_N, PAGE)
         s_a = _qk(q_a, k, IS_FP32)
         s_b = _qk(q_b, k, IS_FP32)
         m_a, l_a, acc_a = _online_update(s_a, v, m_a, l_a, acc_a, qk_scale, IS_FP32)
