@@ -88,7 +88,7 @@ def load_longspec_checkpoint(path_or_state_dict: str | Path | dict[str, torch.Te
         own, part = names[key]
         dst = params[own]
         if part is not None:
-            sizes = qkv if own.startswith("sa_qkv") else [cfg.intermediate_size] * 2
+            sizes = qkv if own.startswith("sa_qkv") else [draft.mlp_width] * 2
             dst = dst[sum(sizes[:part]):sum(sizes[:part + 1])]
         if tuple(t.shape) != tuple(dst.shape):
             raise ValueError(f"longspec checkpoint: {key} has shape {tuple(t.shape)}, "
@@ -113,7 +113,8 @@ def save_draft(draft: LongSpecDraft, out_dir: str | Path, extra: dict | None = N
     tensors = {k: v.detach().cpu().contiguous() for k, v in draft.state_dict().items()}
     meta = {"format": FORMAT, "version": 1, "positions": POSITIONS,
             "sink": draft.lcfg.sink, "window": draft.lcfg.window,
-            "final_norm": draft.lcfg.final_norm, "target": _shape_fields(draft.cfg),
+            "final_norm": draft.lcfg.final_norm, "mlp_width": draft.mlp_width,
+            "target": _shape_fields(draft.cfg),
             **(extra or {})}
     _write_draft(Path(out_dir), tensors, meta)
 
@@ -170,8 +171,10 @@ def load_draft(path: str | Path, target_cfg: ModelConfig) -> LongSpecDraft:
         raise ValueError(f"{path}: not an lsrt longspec draft ({meta.get('format')})")
     if meta["target"] != _shape_fields(target_cfg):
         raise ValueError(f"{path}: draft made for {meta['target']}, not this target")
+    # Drafts saved before `mlp_width` existed have the target's MLP width.
     draft = LongSpecDraft(target_cfg, LongSpecConfig(sink=meta["sink"], window=meta["window"],
-                                                     final_norm=meta["final_norm"]))
+                                                     final_norm=meta["final_norm"],
+                                                     mlp_width=meta.get("mlp_width")))
     state = load_file(str(Path(path) / "draft.safetensors"))
     if "vocab_ids" in state:
         if state["vocab_ids"].is_floating_point():

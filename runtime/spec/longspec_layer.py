@@ -22,7 +22,7 @@ loading and saving live in `longspec_ckpt`; docs/LONGSPEC.md has the checkpoint 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +43,14 @@ class LongSpecConfig:
     sink: int = 4
     window: int = 512
     final_norm: bool = True
+    mlp_width: int | None = None  # the MLP's hidden units; None: the target's intermediate_size
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1:
             raise ValueError(f"longspec needs sink >= 0 and window >= 1, got {self.sink}, "
                              f"{self.window}")
+        if self.mlp_width is not None and self.mlp_width < 1:
+            raise ValueError(f"longspec mlp_width must be >= 1, got {self.mlp_width}")
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -83,8 +86,9 @@ class LongSpecDraft(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, lcfg: LongSpecConfig | None = None) -> None:
         super().__init__()
         self.cfg, self.lcfg = cfg, lcfg or LongSpecConfig()
-        h, i, d, hq, hkv = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim,
-                            cfg.num_heads, cfg.num_kv_heads)
+        self.mlp_width = self.lcfg.mlp_width or cfg.intermediate_size
+        h, i, d, hq, hkv = (cfg.hidden_size, self.mlp_width, cfg.head_dim, cfg.num_heads,
+                            cfg.num_kv_heads)
 
         def p(*shape: int) -> torch.nn.Parameter:
             return torch.nn.Parameter(torch.zeros(*shape))
@@ -190,10 +194,12 @@ def init_from_target(target: DecoderModel, lcfg: LongSpecConfig | None = None) -
     """A draft initialised from the target's last layer (LongSpec's recipe), float32, CPU.
 
     Self- and cross-attention both start from the last layer's attention (the cross query is
-    its q projection: at init it reads layer-N keys as the target's own last layer does).
+    its q projection: at init it reads layer-N keys as the target's own last layer does). An
+    `lcfg.mlp_width` above the target's widens the copied MLP (`widen_mlp`).
     """
-    cfg = target.cfg
-    draft = LongSpecDraft(cfg, lcfg)
+    cfg, lcfg = target.cfg, lcfg or LongSpecConfig()
+    width = None if lcfg.mlp_width in (None, cfg.intermediate_size) else lcfg.mlp_width
+    draft = LongSpecDraft(cfg, replace(lcfg, mlp_width=None))
     last = target.layers[-1]
     qn = cfg.num_heads * cfg.head_dim
     src = {"in_norm": last.in_norm, "ca_norm": last.in_norm, "mlp_norm": last.post_norm,
@@ -208,7 +214,33 @@ def init_from_target(target: DecoderModel, lcfg: LongSpecConfig | None = None) -
     params = dict(draft.named_parameters())
     for name, t in src.items():
         params[name].copy_(t.float().cpu())
-    return draft
+    return draft if width is None else widen_mlp(draft, width)
+
+
+@torch.no_grad()
+def widen_mlp(draft: LongSpecDraft, width: int, seed: int = 0) -> LongSpecDraft:
+    """A copy of `draft` whose MLP has `width` hidden units and computes the same function.
+
+    The new units' gate and up rows are random (seeded; scaled like the existing rows), their
+    down-projection columns zero: the wider draft starts exactly where `draft` is, and the
+    first gradient step reaches the new columns (silu(gate) * up is not zero there).
+    """
+    old = draft.mlp_width
+    if width < old:
+        raise ValueError(f"widen_mlp: the MLP has {old} units; cannot narrow it to {width}")
+    wide = LongSpecDraft(draft.cfg, replace(draft.lcfg, mlp_width=width))
+    params = dict(wide.named_parameters())
+    for name, t in draft.named_parameters():
+        if name not in ("gate_up_w", "down_w"):
+            params[name].copy_(t)
+    g = torch.Generator().manual_seed(seed)
+    gate, up = draft.gate_up_w.detach().float().cpu().chunk(2)  # [old, H] each
+    fresh = [torch.randn(width - old, gate.shape[1], generator=g) * w.std() for w in (gate, up)]
+    wide.gate_up_w.copy_(torch.cat([gate, fresh[0], up, fresh[1]]))
+    wide.down_w.zero_()
+    wide.down_w[:, :old] = draft.down_w
+    wide.set_draft_vocab(draft.vocab_ids)
+    return wide.to(draft.gate_up_w.device, draft.gate_up_w.dtype)
 
 
 # -- the drafter ------------------------------------------------------------------------

@@ -293,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=int, default=3, help="first N traces per file held out")
     p.add_argument("--sink", type=int, default=4)
     p.add_argument("--window", type=int, default=512)
+    p.add_argument("--mlp-width", type=int,
+                   help="the draft MLP's hidden units (default: the --init draft's, else the "
+                   "target's); a wider width grows the starting draft without changing its "
+                   "output (new units' down-projection columns start at zero)")
     p.add_argument("--max-lag", type=int, default=4)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     from lsrt.runtime.model import load_model
     from lsrt.runtime.models import resolve_model
     from lsrt.runtime.runner import DTYPES
-    from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
+    from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target, widen_mlp
     from lsrt.runtime.spec.longspec_ckpt import (is_own_checkpoint, load_draft,
                                                  load_longspec_checkpoint)
     from lsrt.runtime.tokenizer import Tokenizer
@@ -332,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                  else load_longspec_checkpoint(a.init, target.cfg))
     else:
         draft = init_from_target(target, LongSpecConfig(sink=a.sink, window=a.window))
+    if a.mlp_width is not None and a.mlp_width != draft.mlp_width:
+        draft = widen_mlp(draft, a.mlp_width, seed=a.seed)
     if a.draft_vocab:
         draft.set_draft_vocab(frequent_tokens(mixture, target.cfg.vocab_size, a.draft_vocab))
     trainer = LongSpecTrainer(target, draft, tcfg, mixture, device=a.device)

@@ -13,8 +13,10 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("cross", ["sdpa", "triton"])
-@pytest.mark.parametrize("widths", [(4, 3, 2, 2, 2, 2), (4, 8, 8, 8)], ids=["fits", "pruned"])
-def test_graphed_proposals_equal_eager(tmp_path, widths, cross):
+@pytest.mark.parametrize("widths,mlp_width", [((4, 3, 2, 2, 2, 2), None), ((4, 8, 8, 8), None),
+                                              ((4, 3, 2, 2, 2, 2), 250)],
+                         ids=["fits", "pruned", "wide-mlp"])
+def test_graphed_proposals_equal_eager(tmp_path, widths, mlp_width, cross):
     from lsrt.runtime.model import load_model
     from lsrt.runtime.runner import ModelRunner, RunnerConfig
     from lsrt.runtime.spec.longspec import LongSpecDrafter
@@ -25,7 +27,7 @@ def test_graphed_proposals_equal_eager(tmp_path, widths, cross):
     make_tiny_model("llama", tmp_path)
     runner = ModelRunner(load_model(tmp_path, device="cuda"),
                          RunnerConfig(device="cuda", kv_budget_mb=16, block_size=8))
-    draft = init_from_target(runner.model, LongSpecConfig(sink=4, window=16))
+    draft = init_from_target(runner.model, LongSpecConfig(sink=4, window=16, mlp_width=mlp_width))
     perturb(draft, 3)  # a draft that is not a copy of the last layer
     graphed = LongSpecDrafter(runner, draft, widths=widths, cross_kernel=cross, cross_start=64)
     eager = LongSpecDrafter(runner, draft, widths=widths, use_graphs=False, cross_kernel=cross,

@@ -30,9 +30,10 @@ def tiny(request, tmp_path_factory, smollm2_dir):
     return LLM(path, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8))
 
 
-def drafter_for(llm: LLM, widths, *, sink=4, window=16, seed=None,
-                cross_start=None) -> LongSpecDrafter:
-    draft = init_from_target(llm.runner.model, LongSpecConfig(sink=sink, window=window))
+def drafter_for(llm: LLM, widths, *, sink=4, window=16, seed=None, cross_start=None,
+                mlp_width=None) -> LongSpecDrafter:
+    draft = init_from_target(llm.runner.model, LongSpecConfig(sink=sink, window=window,
+                                                              mlp_width=mlp_width))
     if seed is not None:  # a draft that is not a copy of the last layer
         perturb(draft, seed)
     return LongSpecDrafter(llm.runner, draft, widths=widths, cross_start=cross_start)
@@ -50,13 +51,14 @@ def run(llm: LLM, ids: list[int], drafter, params: SamplingParams):
         seq.release()
 
 
-@pytest.mark.parametrize("widths", [(1, 1, 1), (2, 3, 3), (4, 8, 8, 8)],
-                         ids=["chain", "tree", "pruned"])
-def test_greedy_identical(tiny, widths):
+@pytest.mark.parametrize("widths,mlp_width", [((1, 1, 1), None), ((2, 3, 3), None),
+                                              ((4, 8, 8, 8), None), ((2, 3, 3), 250)],
+                         ids=["chain", "tree", "pruned", "wide-mlp"])
+def test_greedy_identical(tiny, widths, mlp_width):
     ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 120, seed=3)
     params = SamplingParams(max_tokens=24)
     plain = run(tiny, ids, None, params)
-    spec = run(tiny, ids, drafter_for(tiny, widths, seed=1), params)
+    spec = run(tiny, ids, drafter_for(tiny, widths, seed=1, mlp_width=mlp_width), params)
     assert spec.token_ids == plain.token_ids
     assert spec.stats.drafted_tokens > 0
 

@@ -13,7 +13,7 @@ import torch
 from lsrt.runtime.model import load_model
 from lsrt.runtime.runner import ModelRunner, RunnerConfig
 from lsrt.runtime.spec.longspec import LongSpecDrafter, make_longspec_drafter
-from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
+from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target, widen_mlp
 from lsrt.runtime.spec.longspec_ckpt import load_draft
 from lsrt.runtime.training.data import (DataConfig, Mixture, build_corpus, build_mixture,
                                         parse_sources)
@@ -198,6 +198,10 @@ def test_cli_end_to_end(tmp_path, smollm2_dir):
     assert meta["window"] == 16 and meta["positions"] == "post-rope-absolute"
     assert main([*args, "--steps", "3", "--resume"]) == 0
     assert torch.load(out / "trainer_state.pt", weights_only=True)["step"] == 3
+    wide = [*args[:5], str(tmp_path / "wide"), *args[6:], "--init", str(out), "--mlp-width", "160"]
+    assert main([*wide, "--steps", "1"]) == 0 and main([*wide, "--steps", "2", "--resume"]) == 0
+    meta = json.loads((tmp_path / "wide" / "config.json").read_text())
+    assert meta["mlp_width"] == 160 and meta["step"] == 2
 
 
 def test_corpus_tokens_and_holdout(tmp_path, smollm2_dir):
@@ -215,6 +219,42 @@ def test_corpus_tokens_and_holdout(tmp_path, smollm2_dir):
     assert corpus.held_out == ["t0", "t1"] and corpus.documents == 2
     text = tok.decode(corpus.tokens.tolist())
     assert "hi 2" in text and "hi 3" in text and "hi 0" not in text and "hi 1" not in text
+
+
+def test_widened_mlp_keeps_the_output_then_trains(target, tmp_path):
+    """`widen_mlp` grows a trained draft without changing its loss; training then moves the
+    new units (their down columns start at zero); the wider draft saves, loads and drafts."""
+    cfg = TrainConfig(seq_len=48, lr=3e-3, warmup=1, total_steps=10, max_position=4096,
+                      kl_weight=0.5)
+    narrow = perturbed_draft(target)
+    width = narrow.mlp_width * 2 + 3
+    wide = widen_mlp(narrow, width, seed=5)
+    assert wide.mlp_width == width and wide.gate_up_w.shape == (2 * width, target.cfg.hidden_size)
+    tr = LongSpecTrainer(target, wide, cfg, stream(target.cfg.vocab_size, 500))
+    ids, pos, commit = tr.sample()
+    with torch.no_grad():
+        before = [float(draft_loss(d, target, tr.head, ids, pos, commit, 0.5))
+                  for d in (narrow, wide)]
+    assert before[1] == pytest.approx(before[0], rel=1e-6, abs=1e-6)
+    assert not wide.down_w[:, narrow.mlp_width:].any()
+    losses = [tr.step_on([(ids, pos, commit)]) for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert wide.down_w[:, narrow.mlp_width:].abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot narrow"):
+        widen_mlp(wide, narrow.mlp_width)
+    train(tr, tr.step + 1, tmp_path, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["mlp_width"] == width
+    loaded = load_draft(tmp_path, target.cfg)
+    assert loaded.mlp_width == width
+    for name, p in wide.named_parameters():
+        assert torch.equal(dict(loaded.named_parameters())[name], p.detach())
+    # From the target directly: its last layer's MLP, widened.
+    grown = init_from_target(target, LongSpecConfig(mlp_width=width))
+    last = target.layers[-1]
+    i = target.cfg.intermediate_size
+    assert torch.equal(grown.down_w[:, :i], last.down_w.float())
+    assert torch.equal(grown.gate_up_w[:i], last.gate_up_w[:i].float())
+    assert torch.equal(grown.gate_up_w[width:width + i], last.gate_up_w[i:].float())
 
 
 def test_pure_distillation_and_accumulated_batch(target):
