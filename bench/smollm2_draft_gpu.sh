@@ -16,6 +16,8 @@
 #   bench/smollm2_draft_gpu.sh more    # continue the shipped draft (RUN_NAME, GEN_FILES)
 #   NAME=gen4 SKIP_TURNS=12 TURNS=12 bench/smollm2_draft_gpu.sh gen-turns
 #                                      # any range of turns (DEVICE=cpu works: ~20 tok/s, 2 cores)
+#   WIDTH=3072 RUN_NAME=wide GEN_FILES=$WORK/gen23.pt@2 bench/smollm2_draft_gpu.sh more
+#                                      # the same, grown to a WIDTH-unit MLP (`--mlp-width`)
 #
 # The shipped draft's last two stages: `gen2`, then `MINUTES=4 more` and `MINUTES=7.3 more`
 # (it resumes; 2600 steps); that draft copied into runtime/drafts/, then `gen3` and
@@ -75,7 +77,9 @@ gen2|gen3|gen-turns)
     ;;
 more)
     RUN="$WORK/runs/${RUN_NAME:-more}"
-    "$PY" -m lsrt.runtime.training.longspec_train "${COMMON[@]}" --init runtime/drafts/smollm2-135m \
+    WIDEN=()
+    [ -n "${WIDTH:-}" ] && WIDEN=(--mlp-width "$WIDTH")
+    "$PY" -m lsrt.runtime.training.longspec_train "${COMMON[@]}" --init runtime/drafts/smollm2-135m "${WIDEN[@]}" \
         --out "$RUN" --data "stdlib@1,${TRACES[0]}@1,${TRACES[1]}@1,${TRACES[2]}@1,${GEN_FILES:-$WORK/gen.pt@2,$WORK/gen2.pt@4}" \
         --stage long --seq-len 4096 --batch 2 --lr "${LR:-1e-4}" --steps "${STEPS:-2600}" \
         --max-tokens 12000000 --max-minutes "$MINUTES"
