@@ -17,7 +17,8 @@
 #   NAME=gen4 SKIP_TURNS=12 TURNS=12 bench/smollm2_draft_gpu.sh gen-turns
 #                                      # any range of turns (DEVICE=cpu works: ~20 tok/s, 2 cores)
 #   WIDTH=3072 RUN_NAME=wide GEN_FILES=$WORK/gen23.pt@2 bench/smollm2_draft_gpu.sh more
-#                                      # the same, grown to a WIDTH-unit MLP (`--mlp-width`)
+#                                      # the same, grown to a WIDTH-unit MLP (`--mlp-width`;
+#                                      # tried 2026-12-07, not better: docs/BENCHMARKS.md round 12)
 #
 # The shipped draft's last two stages: `gen2`, then `MINUTES=4 more` and `MINUTES=7.3 more`
 # (it resumes; 2600 steps); that draft copied into runtime/drafts/, then `gen3` and
@@ -28,6 +29,9 @@
 # traces_dir(): $LSRT_TRACES, else ../shared/data/agent-traces beside the checkout), WORK
 # (default /tmp/lsrt), MINUTES (per training call), OUT
 # (where the finished draft is copied in bf16; optional).
+# A .gguf MODEL is converted on first use through transformers' GGUF reader, which needs the
+# `gguf` package (a pyproject dependency): on a machine without it, put the package and its
+# dist-info on PYTHONPATH.
 set -euo pipefail
 
 STAGE=${1:?usage: $0 gen|short|long|eval}
