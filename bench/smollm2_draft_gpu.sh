@@ -16,6 +16,9 @@
 #   bench/smollm2_draft_gpu.sh more    # continue the shipped draft (RUN_NAME, GEN_FILES)
 #   NAME=gen4 SKIP_TURNS=12 TURNS=12 bench/smollm2_draft_gpu.sh gen-turns
 #                                      # any range of turns (DEVICE=cpu works: ~20 tok/s, 2 cores)
+#   KL=1 GREEDY=1 RUN_NAME=greedy GEN_FILES=$WORK/gen24.pt@2 bench/smollm2_draft_gpu.sh more
+#                                      # continue with a loss term toward the target's argmax
+#                                      # (`--greedy`; KL and GREEDY set the loss weights)
 #   WIDTH=3072 RUN_NAME=wide GEN_FILES=$WORK/gen23.pt@2 bench/smollm2_draft_gpu.sh more
 #                                      # the same, grown to a WIDTH-unit MLP (`--mlp-width`;
 #                                      # tried 2026-12-07, not better: docs/BENCHMARKS.md round 12)
@@ -46,7 +49,8 @@ TRACES=("$TRACES_DIR"/swe_agent_demos.jsonl "$TRACES_DIR"/mini_swe_agent_gemini3
         "$TRACES_DIR"/tau_bench_gpt4o_airline.jsonl)
 mkdir -p "$WORK/runs"
 
-COMMON=(--target "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --kl 1 --ce 0 --max-lag 6
+COMMON=(--target "$MODEL" --device "$DEVICE" --dtype "$DTYPE" --kl "${KL:-1}" --ce 0
+        --greedy "${GREEDY:-0}" --max-lag 6
         --sink 4 --window 512 --save-every 200 --resume)
 
 export_bf16() {  # $1: run dir -> $OUT/draft (bf16 weights + config)

@@ -15,7 +15,10 @@ same tokens and positions:
   `long` stage = plain 0..L-1.
 
 Loss: `ce_weight` x next-token cross-entropy of the data through the frozen lm_head, plus
-`kl_weight` x KL(target || draft) (distillation on the target's own logits). One optimizer step
+`kl_weight` x KL(target || draft) (distillation on the target's own logits), plus
+`greedy_weight` x cross-entropy against the target's own argmax token at each position (what a
+greedy verifier accepts: the draft's top choice should be the target's, whatever the rest of the
+target's distribution looks like). One optimizer step
 averages `batch` samples (gradient accumulation). On CUDA the forward passes run under bf16
 autocast (the draft's weights and optimizer stay float32). Checkpoint: `draft.safetensors` + `config.json`
 (`lsrt.runtime.spec.longspec_ckpt.save_draft`) and `trainer_state.pt` (optimizer, step, RNG).
@@ -50,6 +53,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     kl_weight: float = 0.0
     ce_weight: float = 1.0
+    greedy_weight: float = 0.0
     batch: int = 1  # samples per optimizer step (gradient accumulation)
     anchor_sinks: int = 4
     max_position: int = 4096  # Anchor-Offset positions stay below this
@@ -61,9 +65,9 @@ class TrainConfig:
             raise ValueError(f"stage must be short or long, got {self.stage!r}")
         if self.seq_len < 2 or self.max_lag < 1 or self.anchor_sinks < 0 or self.lr <= 0:
             raise ValueError("seq_len >= 2, max_lag >= 1, anchor_sinks >= 0, lr > 0 required")
-        if self.batch < 1 or self.ce_weight < 0 or self.kl_weight < 0 or \
-                not (self.ce_weight or self.kl_weight):
-            raise ValueError("batch >= 1 and non-negative loss weights, not both zero, required")
+        weights = (self.ce_weight, self.kl_weight, self.greedy_weight)
+        if self.batch < 1 or min(weights) < 0 or not any(weights):
+            raise ValueError("batch >= 1 and non-negative loss weights, not all zero, required")
         if self.max_position < self.seq_len:
             raise ValueError(f"max_position {self.max_position} < seq_len {self.seq_len}")
 
@@ -120,10 +124,12 @@ def target_last_kv(target: DecoderModel, ids: torch.Tensor, positions: torch.Ten
 
 def draft_loss(draft: LongSpecDraft, target: DecoderModel, head: torch.Tensor,
                ids: torch.Tensor, positions: torch.Tensor, commit: torch.Tensor,
-               kl_weight: float = 0.0, ce_weight: float = 1.0) -> torch.Tensor:
+               kl_weight: float = 0.0, ce_weight: float = 1.0, greedy_weight: float = 0.0
+               ) -> torch.Tensor:
     """Mean next-token loss of the draft on one sample (ids/positions/commit `[L]`).
 
-    head `[V, H]`: the target's lm_head in the draft's dtype (frozen).
+    head `[V, H]`: the target's lm_head in the draft's dtype (frozen). The weights are
+    TrainConfig's (data cross-entropy, KL to the target, cross-entropy to the target's argmax).
     """
     dev, n = head.device, ids.shape[0]
     k_t, v_t, hid_t = target_last_kv(target, ids, positions)
@@ -138,11 +144,14 @@ def draft_loss(draft: LongSpecDraft, target: DecoderModel, head: torch.Tensor,
     loss = logits.new_zeros(())
     if ce_weight:
         loss = loss + ce_weight * F.cross_entropy(logits, ids[1:].to(dev))
-    if kl_weight:
+    if kl_weight or greedy_weight:
         with torch.no_grad():
             p_log = F.linear(hid_t[:-1].to(dev, dt), head).float().log_softmax(-1)
+    if kl_weight:
         kl = F.kl_div(logits.log_softmax(-1), p_log, log_target=True, reduction="batchmean")
         loss = loss + kl_weight * kl
+    if greedy_weight:
+        loss = loss + greedy_weight * F.cross_entropy(logits, p_log.argmax(-1))
     return loss
 
 
@@ -191,7 +200,8 @@ class LongSpecTrainer:
         for ids, pos, commit in samples:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 loss = draft_loss(self.draft, self.target, self.head, ids, pos, commit,
-                                  self.cfg.kl_weight, self.cfg.ce_weight)
+                                  self.cfg.kl_weight, self.cfg.ce_weight,
+                                  self.cfg.greedy_weight)
             (loss / len(samples)).backward()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.cfg.grad_clip)
@@ -284,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl", type=float, default=0.0, help="weight of KL(target || draft)")
     p.add_argument("--ce", type=float, default=1.0,
                    help="weight of the next-token cross-entropy on the data")
+    p.add_argument("--greedy", type=float, default=0.0,
+                   help="weight of the cross-entropy against the target's own argmax token "
+                   "(greedy distillation: what a greedy verifier accepts)")
     p.add_argument("--batch", type=int, default=1, help="samples per optimizer step")
     p.add_argument("--draft-vocab", type=int, default=0,
                    help="draft only the K most frequent tokens of the data (0: all)")
@@ -328,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_progress:
         print(f"data: {mixture.tokens} tokens: {json.dumps(mixture.describe())}", flush=True)
     tcfg = TrainConfig(seq_len=a.seq_len, stage=a.stage, lr=a.lr, total_steps=a.steps,
-                       kl_weight=a.kl, ce_weight=a.ce, batch=a.batch, max_lag=a.max_lag,
+                       kl_weight=a.kl, ce_weight=a.ce, greedy_weight=a.greedy, batch=a.batch,
+                       max_lag=a.max_lag,
                        seed=a.seed,
                        max_position=max(a.seq_len, target.cfg.context_limit))
     if a.init:

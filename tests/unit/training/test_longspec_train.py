@@ -97,7 +97,8 @@ def mirror_draft(target):
 def test_training_mirrors_inference(target, n):
     """The drafter's top-k at the root and its depth-2 choice equal the training forward's
     (same own-cache window, same target KV, same lag) on the same tokens."""
-    from lsrt.runtime.training.longspec_train import target_last_kv
+    from lsrt.runtime.spec.tree import DraftTree
+    from lsrt.runtime.training.longspec_train import self_window_mask, target_last_kv
 
     runner = ModelRunner(target, RunnerConfig(kv_budget_mb=8, block_size=8))
     ids = stream(target.cfg.vocab_size, n, seed=3).tolist()
@@ -289,9 +290,48 @@ def test_pure_distillation_and_accumulated_batch(target):
         torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
 
 
+def test_greedy_term_is_cross_entropy_to_the_target_argmax(target):
+    """--greedy: the loss is the draft's cross-entropy against the token the target itself would
+    pick at each position (computed here from a plain causal pass of the target, independently
+    of the training code's scratch pool), and training on it raises the draft's top-1 agreement."""
+    from lsrt.runtime.spec.tree import DraftTree
+    from lsrt.runtime.training.longspec_train import self_window_mask, target_last_kv
+
+    cfg = TrainConfig(seq_len=40, stage="long", lr=3e-3, warmup=1, total_steps=10,
+                      max_position=4096, kl_weight=0.0, ce_weight=0.0, greedy_weight=1.0)
+    tr = LongSpecTrainer(target, perturbed_draft(target), cfg,
+                         stream(target.cfg.vocab_size, 500))
+    ids, pos, commit = tr.sample()
+    runner = ModelRunner(target, RunnerConfig(kv_budget_mb=8))
+    chain = DraftTree(tokens=ids.tolist(), parents=[-1, *range(len(ids) - 1)])
+    greedy = runner.verify(runner.new_sequence(), chain).argmax(-1)[:-1]  # positions 0..L-1
+    k_t, v_t, _ = target_last_kv(target, ids, pos)
+
+    def draft_logits():
+        with torch.no_grad():
+            x = target.embed[ids]
+            mask = self_window_mask(commit, tr.draft.lcfg.sink, tr.draft.lcfg.window)
+            cross = torch.arange(len(ids))[None, :] < commit[:, None]
+            hidden, _, _ = tr.draft(x, pos, None, None, mask, k_t, v_t, cross)
+            return torch.nn.functional.linear(hidden[:-1], tr.head)
+
+    with torch.no_grad():
+        got = float(draft_loss(tr.draft, target, tr.head, ids, pos, commit, 0.0, 0.0, 1.0))
+    want = float(torch.nn.functional.cross_entropy(draft_logits(), greedy))
+    assert got == pytest.approx(want, rel=1e-4)
+    before = float((draft_logits().argmax(-1) == greedy).float().mean())
+    losses = [tr.step_on([(ids, pos, commit)]) for _ in range(10)]
+    after = float((draft_logits().argmax(-1) == greedy).float().mean())
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert after > before, (before, after)
+
+
 def test_config_rejects_no_loss():
     with pytest.raises(ValueError):
         TrainConfig(ce_weight=0.0, kl_weight=0.0)
+    with pytest.raises(ValueError):
+        TrainConfig(ce_weight=0.0, greedy_weight=-1.0)
+    TrainConfig(ce_weight=0.0, greedy_weight=1.0)
     with pytest.raises(ValueError):
         TrainConfig(batch=0)
 
