@@ -323,8 +323,11 @@ def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
                 if "hf plain" in out:
                     compared_hf += 1
                     same_hf += out["hf plain"] == ref
+                accepted = " ".join(f"{c} {t.emitted / t.steps:.2f}"
+                                    for c, t in ((c, this_turn[f"lsrt {c}"])
+                                                 for c in args.configs) if t.steps)
                 print(f"  {trace.id} turn {turn.turn}: prompt {len(turn.prompt_ids)} tokens "
-                      f"(reuse {turn.reuse})", flush=True)
+                      f"(reuse {turn.reuse}); accepted/step: {accepted or '-'}", flush=True)
         finally:
             for run in runs.values():
                 run.close()
