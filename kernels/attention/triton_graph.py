@@ -24,7 +24,7 @@ import triton.language as tl
 
 from lsrt.kernels.attention.triton_tree import (
     _LOG2E, _new_program, _num_sms, _prefix_program, _program_ids, gdc_launch_dependents,
-    grid_of, halves_for, launch_reduce, pdl_supported, tiles, tma_descriptors, tma_usable)
+    config_halves, grid_of, launch_reduce, pdl_supported, tiles, tma_descriptors, tma_usable)
 from lsrt.runtime.errors import InvalidRequest
 
 
@@ -178,8 +178,7 @@ def paged_hybrid_attention_graph(
         MIN_SPLIT=cfg.min_split_tiles * block_n, PAGE=block_size,
         IS_FP32=q.dtype == torch.float32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
         WS=cfg.warp_specialize, PREFETCH=prefetch, TMA=tma,
-        HALVES=halves_for(cfg.halves, block_m,
-                          cfg.warp_specialize or cfg.prefetch_pages is True),
+        HALVES=config_halves(cfg, block_m),
         num_warps=cfg.num_warps,
         num_stages=stages,
     )

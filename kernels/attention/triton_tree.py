@@ -105,6 +105,13 @@ def halves_for(want: bool | None, block_m: int, whole_tile_loop: bool = False) -
     return want
 
 
+def config_halves(cfg, block_m: int) -> bool:
+    """`halves_for` of a launch config (`TreeAttentionConfig` or the graph kernel's
+    `GraphAttentionConfig`): its `halves`, and whether it asks for the whole-tile loop (warp
+    specialisation, or page ids prefetched)."""
+    return halves_for(cfg.halves, block_m, cfg.warp_specialize or cfg.prefetch_pages is True)
+
+
 def tiles(block_m: int, block_n: int | None, num_stages: int | None,
           prefetch_pages: bool | None) -> tuple[int, int, bool]:
     """(block_n, num_stages, prefetch_pages), each None chosen by the row tile. Row tiles of at
@@ -682,8 +689,7 @@ def launch_hybrid(
         GROUP=group, HEAD_DIM=d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, PAGE=block_size,
         CAUSAL=mask is None, IS_FP32=is_fp32, ROWS_FIRST=cfg.rows_first, PDL=pdl,
         WS=cfg.warp_specialize, PREFETCH=plan.prefetch, TMA=tma,
-        HALVES=halves_for(cfg.halves, plan.block_m,
-                          cfg.warp_specialize or cfg.prefetch_pages is True),
+        HALVES=config_halves(cfg, plan.block_m),
         num_warps=plan.num_warps,
         num_stages=plan.num_stages,
     )

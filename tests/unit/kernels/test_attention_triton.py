@@ -158,12 +158,22 @@ def test_halves_follow_the_row_tile_unless_given() -> None:
     page-id prefetch (which only the whole-tile loop has) is asked for; given, it is kept, and
     a row tile too short to halve (a half must be a 16-row matrix product) is refused by name."""
     from lsrt.kernels.attention.triton_tree import (HALVES_MIN_ROWS, TreeAttentionConfig,
-                                                    halves_for, paged_hybrid_attention)
+                                                    config_halves, halves_for,
+                                                    paged_hybrid_attention)
 
     assert halves_for(None, HALVES_MIN_ROWS) and not halves_for(None, HALVES_MIN_ROWS // 2)
     assert not halves_for(None, HALVES_MIN_ROWS, whole_tile_loop=True)
     assert halves_for(True, 32) and halves_for(True, 128, whole_tile_loop=True)
     assert not halves_for(False, 128)
+    # Both kernels' configs decide the same way (`config_halves`).
+    from lsrt.kernels.attention.triton_graph import GraphAttentionConfig
+    for config in (TreeAttentionConfig, GraphAttentionConfig):
+        assert config_halves(config(), HALVES_MIN_ROWS)
+        assert not config_halves(config(), HALVES_MIN_ROWS // 2)
+        assert not config_halves(config(warp_specialize=True), HALVES_MIN_ROWS)
+        assert not config_halves(config(prefetch_pages=True), HALVES_MIN_ROWS)
+        assert config_halves(config(prefetch_pages=False), HALVES_MIN_ROWS)
+        assert config_halves(config(halves=True, warp_specialize=True), 32)
     gen = torch.Generator().manual_seed(2)
     case = paged_case(n=4, hkv=1, group=2, d=16, prefix_len=40, block_size=16, gen=gen,
                       device=DEVICE)  # 8 rows: a 16-row tile
