@@ -22,6 +22,9 @@
 #   WIDTH=3072 RUN_NAME=wide GEN_FILES=$WORK/gen23.pt@2 bench/smollm2_draft_gpu.sh more
 #                                      # the same, grown to a WIDTH-unit MLP (`--mlp-width`;
 #                                      # tried 2026-12-07, not better: docs/BENCHMARKS.md round 12)
+#   FEATURE=1 RUN_NAME=feat GEN_FILES=$WORK/gen24.pt@2 bench/smollm2_draft_gpu.sh more
+#                                      # the same, reading the target's final hidden state
+#                                      # (`--feature`, EAGLE's feature; feat_w starts at zero)
 #
 # The shipped draft's last two stages: `gen2`, then `MINUTES=4 more` and `MINUTES=7.3 more`
 # (it resumes; 2600 steps); that draft copied into runtime/drafts/, then `gen3` and
@@ -87,6 +90,7 @@ more)
     RUN="$WORK/runs/${RUN_NAME:-more}"
     WIDEN=()
     [ -n "${WIDTH:-}" ] && WIDEN=(--mlp-width "$WIDTH")
+    [ -n "${FEATURE:-}" ] && WIDEN+=(--feature)
     "$PY" -m lsrt.runtime.training.longspec_train "${COMMON[@]}" --init runtime/drafts/smollm2-135m "${WIDEN[@]}" \
         --out "$RUN" --data "stdlib@1,${TRACES[0]}@1,${TRACES[1]}@1,${TRACES[2]}@1,${GEN_FILES:-$WORK/gen.pt@2,$WORK/gen2.pt@4}" \
         --stage long --seq-len 4096 --batch 2 --lr "${LR:-1e-4}" --steps "${STEPS:-2600}" \

@@ -92,6 +92,7 @@ class StaticStep:
         self.backend = GraphAttention(self.prefix_len, self.mask, max_prefix, attention)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None  # [N, vocab] float32, written by each replay
+        self.hidden: torch.Tensor | None = None  # [N, H] final hidden states, likewise
         self._copied: torch.cuda.Event | None = None
 
     def fill(self, tree: DraftTree, start: int, slots: list[int]) -> None:
@@ -190,10 +191,13 @@ class GraphRunner:
         step.fill(tree, start, slots)
         if step.graph is not None:
             step.graph.replay()
-            logits = step.logits
+            hidden, logits = step.hidden, step.logits
         else:
-            logits = self._forward(step)
-        return logits[:n].clone()  # the static output is overwritten by the next replay
+            hidden, logits = self._forward(step)
+        # Static outputs are overwritten by the next replay, which comes after `commit` has
+        # read the accepted row of `tree_hidden` (copied there).
+        seq.tree_hidden = hidden[:n]
+        return logits[:n].clone()
 
     # -- internals ---------------------------------------------------------------------------
     def _reserve(self, seq: KVSequence, total: int) -> bool:
@@ -210,11 +214,12 @@ class GraphRunner:
             self._block_table[:table.numel()].copy_(table)
             self._table_src = table
 
-    def _forward(self, step: StaticStep) -> torch.Tensor:
-        """The whole target forward plus logits over the step's static buffers -> `[N, vocab]`."""
+    def _forward(self, step: StaticStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole target forward plus logits over the step's static buffers -> final hidden
+        states `[N, H]` and logits `[N, vocab]`."""
         model, pool = self.runner.model, self.runner.pool
         hidden = model(step.ids, step.positions, pool.k, pool.v, step.meta, step.backend)
-        return model.logits(hidden)
+        return hidden, model.logits(hidden)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
@@ -239,7 +244,7 @@ class GraphRunner:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=mempool):
-                    step.logits = self._forward(step)
+                    step.hidden, step.logits = self._forward(step)
                 step.graph = graph
             torch.cuda.synchronize()
         finally:

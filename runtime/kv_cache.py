@@ -142,6 +142,19 @@ class KVSequence:
         self.num_tokens = num_tokens
         self._slot_cache: torch.Tensor | None = None
         self._table_cache: torch.Tensor | None = None
+        # The target's final hidden state `[H]` at position `feature_pos` (the last committed
+        # one when a runner last prefilled or committed here): what LongSpec drafts with
+        # `feature` read. A truncation below it drops it.
+        self.feature: torch.Tensor | None = None
+        self.feature_pos = -1
+        self.tree_hidden: torch.Tensor | None = None  # [n, H] of the last verified tree
+
+    def set_feature(self, hidden: torch.Tensor | None, pos: int) -> None:
+        self.feature, self.feature_pos = (None, -1) if hidden is None else (hidden, pos)
+
+    def current_feature(self) -> torch.Tensor | None:
+        """The final hidden state at the last committed position, if it is known."""
+        return self.feature if self.feature_pos == self.num_tokens - 1 else None
 
     @property
     def capacity(self) -> int:
@@ -206,13 +219,19 @@ class KVSequence:
             raise InvalidRequest(f"fork at {n} outside committed length {self.num_tokens}")
         keep = self.blocks[: -(-n // self.pool.block_size)]
         self.pool.incref(keep)
-        return KVSequence(self.pool, keep, n)
+        child = KVSequence(self.pool, keep, n)
+        if self.feature_pos == n - 1:
+            child.set_feature(self.feature, self.feature_pos)
+        return child
 
     def truncate(self, num_tokens: int) -> None:
         """Roll back to `num_tokens` committed tokens and free blocks no longer needed."""
         if num_tokens > self.num_tokens:
             raise InvalidRequest(f"truncate to {num_tokens} beyond committed {self.num_tokens}")
         self.num_tokens = num_tokens
+        self.tree_hidden = None
+        if self.feature_pos >= num_tokens:
+            self.set_feature(None, -1)
         keep = -(-num_tokens // self.pool.block_size)
         if keep < len(self.blocks):
             self.pool.free(self.blocks[keep:])
@@ -225,4 +244,6 @@ class KVSequence:
             self.pool.free(self.blocks)
         self.blocks = []
         self.num_tokens = 0
+        self.set_feature(None, -1)
+        self.tree_hidden = None
         self._slot_cache = self._table_cache = None

@@ -112,11 +112,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, tokens: list[int], positions: torch.Tensor, meta: AttentionMeta,
-                 logit_rows: slice | torch.Tensor | None) -> torch.Tensor | None:
+                 logit_rows: slice | torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (final hidden states `[n, H]`, logits of `logit_rows` or None)."""
         dev = self.config.device
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
         hidden = self.model(ids, positions.to(dev), self.pool.k, self.pool.v, meta, self.backend)
-        return None if logit_rows is None else self.model.logits(hidden[logit_rows])
+        return hidden, None if logit_rows is None else self.model.logits(hidden[logit_rows])
 
     def prefill(self, seq: KVSequence, tokens: list[int], *, want_logits: bool = False,
                 progress: "callable | None" = None) -> torch.Tensor | None:
@@ -132,8 +134,10 @@ class ModelRunner:
             meta = self._meta(seq, n, mask)
             positions = torch.arange(seq.num_tokens, seq.num_tokens + n)
             last = want_logits and i + chunk >= len(tokens)
-            out = self._forward(part, positions, meta, slice(n - 1, n) if last else None)
+            hidden, out = self._forward(part, positions, meta,
+                                        slice(n - 1, n) if last else None)
             seq.num_tokens += n
+            seq.set_feature(hidden[-1].clone(), seq.num_tokens - 1)
             if out is not None:
                 logits = out[0]
             if progress is not None:
@@ -146,11 +150,16 @@ class ModelRunner:
         mask = None if n == 1 else tree.ancestor_mask(self.config.device)
         meta = self._meta(seq, n, mask)
         positions = seq.num_tokens + torch.tensor(tree.depth, dtype=torch.long)
-        return self._forward(tree.tokens, positions, meta, slice(None))
+        seq.tree_hidden, logits = self._forward(tree.tokens, positions, meta, slice(None))
+        return logits
 
     def commit(self, seq: KVSequence, path: list[int]) -> None:
-        """Keep the KV of tree nodes `path` (root first, increasing) as the next positions."""
+        """Keep the KV of tree nodes `path` (root first, increasing) as the next positions;
+        the last node's final hidden state becomes the sequence's feature."""
         start = seq.num_tokens
+        if seq.tree_hidden is not None:
+            seq.set_feature(seq.tree_hidden[path[-1]].clone(), start + len(path) - 1)
+            seq.tree_hidden = None
         moved = [(start + node, start + i) for i, node in enumerate(path) if node != i]
         if moved:
             src = seq.slots(0, seq.capacity)[[s for s, _ in moved]]

@@ -115,6 +115,7 @@ class LongSpecDrafter:
     _stage_np = _shared("_stage_np")
     _scalars = _shared("_scalars")
     _root_token = _shared("_root_token")
+    _feature = _shared("_feature")
     _root_enc_ids = _shared("_root_enc_ids")
     _enc_pos = _shared("_enc_pos")
     _graphs = _shared("_graphs")
@@ -279,6 +280,12 @@ class LongSpecDrafter:
         host[4 + ENCODE_PAD:4 + ENCODE_PAD + k] = staged
         host[4 + ENCODE_PAD + k:] = -1
         self._stage.copy_(self._stage_host, non_blocking=True)
+        if self.draft.feat_w is not None:
+            feature = self.seq.current_feature()
+            if feature is None:  # e.g. a sequence restored without its last forward pass
+                self._feature.zero_()
+            else:
+                self._feature.copy_(feature.view(1, -1))
         vocab = self.head.shape[0]
         sizes = [1]  # nodes per level, known before drafting: no host sync inside the loop
         for w in widths:
@@ -327,7 +334,8 @@ class LongSpecDrafter:
             hidden, k, v = self.draft(x, pos, past_k, past_v, mask, self.xk, self.xv, rows,
                                       check_empty=False,
                                       cross_attend=cross,
-                                      projected=root_projected if depth == 0 else None)
+                                      projected=root_projected if depth == 0 else None,
+                                      feature=self._feature)
             if depth + 2 < len(sizes):  # a next level attends to these keys
                 past_k = torch.cat([past_k, k.transpose(0, 1)], 1)
                 past_v = torch.cat([past_v, v.transpose(0, 1)], 1)

@@ -4,6 +4,8 @@ The draft layer (built from the target's config, fed the target's frozen token e
 
     x  = embed[token]
     x += SelfAttn(norm(x))      own K/V, sink + sliding window, RoPE at the draft position
+    x += feat_w @ f             optional (`LongSpecConfig.feature`): f = the target's final
+                                hidden state at the last committed position (EAGLE's feature)
     x += CrossAttn(norm(x))     query only; K/V = the target's LAST layer, committed positions
     x += MLP(norm(x))
     logits = lm_head(final_norm(x))   (final_norm absent in the published checkpoints)
@@ -44,6 +46,11 @@ class LongSpecConfig:
     window: int = 512
     final_norm: bool = True
     mlp_width: int | None = None  # the MLP's hidden units; None: the target's intermediate_size
+    # Feed the target's final hidden state (normalised, what its lm_head reads) at the last
+    # committed position into the residual after self-attention, through `feat_w` (EAGLE's
+    # "feature"): the draft then starts from what all the target's layers computed, not only
+    # from its last layer's K/V. The same vector serves every node of a tree.
+    feature: bool = False
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1:
@@ -101,6 +108,7 @@ class LongSpecDraft(torch.nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = p(d), p(d)
         self.final_norm = p(h) if self.lcfg.final_norm else None
+        self.feat_w = p(h, h) if self.lcfg.feature else None
         self.register_buffer("vocab_ids", None)  # see set_draft_vocab
         self.inv_freq = rope_inv_freq(cfg)  # `[D/2]` float32, a plain attribute: never cast
         self.scale = d ** -0.5
@@ -125,8 +133,9 @@ class LongSpecDraft(torch.nn.Module):
 
     def projection_weights(self) -> list[torch.Tensor]:
         """Every own weight `self.linear` multiplies by (the head is the target's)."""
-        return [self.sa_qkv_w, self.sa_o_w, self.ca_q_w, self.ca_o_w, self.gate_up_w,
-                self.down_w]
+        own = [self.sa_qkv_w, self.sa_o_w, self.ca_q_w, self.ca_o_w, self.gate_up_w,
+               self.down_w]
+        return own if self.feat_w is None else [*own, self.feat_w]
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +159,8 @@ class LongSpecDraft(torch.nn.Module):
                 self_mask: torch.Tensor | None, cross_k: torch.Tensor, cross_v: torch.Tensor,
                 cross_mask: torch.Tensor | None, check_empty: bool = True,
                 cross_attend: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                projected: tuple[torch.Tensor, ...] | None = None
+                projected: tuple[torch.Tensor, ...] | None = None,
+                feature: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One pass of `n` tokens -> (hidden `[n, H]` ready for lm_head, new k, v `[n, Hkv, D]`).
 
@@ -163,6 +173,8 @@ class LongSpecDraft(torch.nn.Module):
         (the drafter's split-K Triton kernel on CUDA; cross_k/v/mask are then not read).
         projected: x's (q, k, v, cos, sin), already computed by `rope` and `project_self` (the
         drafter projects its staged encode rows and the root in one pass).
+        feature: `[n, H]` or `[1, H]` (one for every row), the target's final hidden state at
+        each row's last committed position; read only by drafts with `feat_w` (None: zeros).
         """
         cfg, ops, lin, n, eps = self.cfg, self.ops, self.linear, x.shape[0], self.cfg.rms_norm_eps
         if projected is None:
@@ -174,7 +186,10 @@ class LongSpecDraft(torch.nn.Module):
         if past_k is not None:
             keys, vals = torch.cat([past_k, keys], 1), torch.cat([past_v, vals], 1)
         a = attend(q, keys, vals, self_mask, self.scale, check_empty=False)
-        x, h = ops.add_rms_norm(x, lin(a.reshape(n, -1), self.sa_o_w), self.ca_norm, eps)
+        r = lin(a.reshape(n, -1), self.sa_o_w)
+        if self.feat_w is not None and feature is not None:
+            r = r + lin(feature, self.feat_w)
+        x, h = ops.add_rms_norm(x, r, self.ca_norm, eps)
         q_norm = (self.q_norm, self.q_norm) if cfg.qk_norm else None
         cq, _, _ = ops.rope_qkv(lin(h, self.ca_q_w, self.ca_q_b), cos, sin, cfg.num_heads,
                                 0, cfg.head_dim, qk_norm=q_norm, eps=eps)
@@ -241,6 +256,21 @@ def widen_mlp(draft: LongSpecDraft, width: int, seed: int = 0) -> LongSpecDraft:
     wide.down_w[:, :old] = draft.down_w
     wide.set_draft_vocab(draft.vocab_ids)
     return wide.to(draft.gate_up_w.device, draft.gate_up_w.dtype)
+
+
+@torch.no_grad()
+def add_feature(draft: LongSpecDraft) -> LongSpecDraft:
+    """A copy of `draft` that reads the target's feature (`LongSpecConfig.feature`) and computes
+    the same function: its `feat_w` starts at zero, so training moves it from there."""
+    if draft.feat_w is not None:
+        raise ValueError("add_feature: the draft already reads the target's feature")
+    out = LongSpecDraft(draft.cfg, replace(draft.lcfg, feature=True,
+                                           mlp_width=draft.mlp_width))
+    params = dict(out.named_parameters())
+    for name, t in draft.named_parameters():
+        params[name].copy_(t)
+    out.set_draft_vocab(draft.vocab_ids)
+    return out.to(draft.gate_up_w.device, draft.gate_up_w.dtype)
 
 
 # -- the drafter ------------------------------------------------------------------------

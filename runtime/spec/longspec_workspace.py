@@ -89,6 +89,9 @@ class LongSpecWorkspace:
         self._scalars, self._root_token = self._stage[:3], self._stage[3:4]
         self._root_enc_ids = self._stage[3:4 + ENCODE_PAD]  # the root token, then staged ids
         self._enc_pos = self._stage[4 + ENCODE_PAD:]
+        # The target's final hidden state at the last committed position (drafts with
+        # `feature`), copied in before each proposal; zeros when the sequence does not know it.
+        self._feature = torch.zeros((1, cfg.hidden_size), dtype=dtype, device=dev)
         self._graphs: dict[tuple, tuple] = {}  # (level sizes, capacity) -> graph, outputs
         self._uses: dict[tuple, int] = {}  # proposals per key (short runs stay eager)
         self._mempool = None

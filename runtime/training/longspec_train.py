@@ -10,6 +10,8 @@ same tokens and positions:
 - cross-attention lag, as at inference: the sample is cut into random segments of 1..max_lag
   tokens; a query in a segment starting at index c sees the target's keys at indices < c (a
   draft query at depth d of a tree sees committed target KV only: lag d + 1);
+- feature (drafts with `LongSpecConfig.feature`): a query in a segment starting at c reads the
+  target's final hidden state at index c - 1, the last committed position (zeros when c = 0);
 - positions: `short` stage = Anchor-Offset indices (the first `anchor_sinks` tokens keep
   0..s-1, the rest shift by a random offset so short samples see long-context positions);
   `long` stage = plain 0..L-1.
@@ -122,6 +124,26 @@ def target_last_kv(target: DecoderModel, ids: torch.Tensor, positions: torch.Ten
     return kp[-1].clone(), vp[-1].clone(), hidden
 
 
+def draft_hidden(draft: LongSpecDraft, target: DecoderModel, ids: torch.Tensor,
+                 positions: torch.Tensor, commit: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draft's hidden states `[L, H]` (ready for lm_head) over one sample, with the lag
+    and own-window masks inference has, and the target's final hidden states `[L, H]`."""
+    n = ids.shape[0]
+    k_t, v_t, hid_t = target_last_kv(target, ids, positions)
+    x = target.embed[ids.to(target.device)].to(device, dtype)
+    lc = draft.lcfg
+    self_mask = self_window_mask(commit, lc.sink, lc.window).to(device)
+    cross_mask = (torch.arange(n)[None, :] < commit[:, None]).to(device)
+    feature = None
+    if draft.feat_w is not None:  # the target's final hidden at each query's last committed
+        last = (commit - 1).clamp(min=0).to(hid_t.device)  # position (none before the first)
+        feature = (hid_t[last] * (commit > 0).to(hid_t)[:, None]).to(device, dtype)
+    hidden, _, _ = draft(x, positions.to(device), None, None, self_mask, k_t.to(device, dtype),
+                         v_t.to(device, dtype), cross_mask, feature=feature)
+    return hidden, hid_t
+
+
 def draft_loss(draft: LongSpecDraft, target: DecoderModel, head: torch.Tensor,
                ids: torch.Tensor, positions: torch.Tensor, commit: torch.Tensor,
                kl_weight: float = 0.0, ce_weight: float = 1.0, greedy_weight: float = 0.0
@@ -131,15 +153,8 @@ def draft_loss(draft: LongSpecDraft, target: DecoderModel, head: torch.Tensor,
     head `[V, H]`: the target's lm_head in the draft's dtype (frozen). The weights are
     TrainConfig's (data cross-entropy, KL to the target, cross-entropy to the target's argmax).
     """
-    dev, n = head.device, ids.shape[0]
-    k_t, v_t, hid_t = target_last_kv(target, ids, positions)
-    dt = head.dtype
-    x = target.embed[ids.to(target.device)].to(dev, dt)
-    lc = draft.lcfg
-    self_mask = self_window_mask(commit, lc.sink, lc.window).to(dev)
-    cross_mask = (torch.arange(n)[None, :] < commit[:, None]).to(dev)
-    hidden, _, _ = draft(x, positions.to(dev), None, None, self_mask, k_t.to(dev, dt),
-                         v_t.to(dev, dt), cross_mask)
+    dev, dt = head.device, head.dtype
+    hidden, hid_t = draft_hidden(draft, target, ids, positions, commit, dev, dt)
     logits = F.linear(hidden[:-1], head).float()  # [L-1, V]
     loss = logits.new_zeros(())
     if ce_weight:
@@ -310,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the draft MLP's hidden units (default: the --init draft's, else the "
                    "target's); a wider width grows the starting draft without changing its "
                    "output (new units' down-projection columns start at zero)")
+    p.add_argument("--feature", action="store_true",
+                   help="the draft reads the target's final hidden state at the last committed "
+                   "position (EAGLE's feature; added to an --init draft without changing its "
+                   "output: the new projection starts at zero)")
     p.add_argument("--max-lag", type=int, default=4)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -322,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     from lsrt.runtime.model import load_model
     from lsrt.runtime.models import resolve_model
     from lsrt.runtime.runner import DTYPES
-    from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target, widen_mlp
+    from lsrt.runtime.spec.longspec_layer import (LongSpecConfig, add_feature, init_from_target,
+                                                  widen_mlp)
     from lsrt.runtime.spec.longspec_ckpt import (is_own_checkpoint, load_draft,
                                                  load_longspec_checkpoint)
     from lsrt.runtime.tokenizer import Tokenizer
@@ -349,7 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         draft = (load_draft(a.init, target.cfg) if is_own_checkpoint(a.init)
                  else load_longspec_checkpoint(a.init, target.cfg))
     else:
-        draft = init_from_target(target, LongSpecConfig(sink=a.sink, window=a.window))
+        draft = init_from_target(target, LongSpecConfig(sink=a.sink, window=a.window,
+                                                        feature=a.feature))
+    if a.feature and draft.feat_w is None:
+        draft = add_feature(draft)
     if a.mlp_width is not None and a.mlp_width != draft.mlp_width:
         draft = widen_mlp(draft, a.mlp_width, seed=a.seed)
     if a.draft_vocab:

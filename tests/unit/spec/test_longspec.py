@@ -16,6 +16,7 @@ from lsrt.runtime.sampling import SamplingParams
 from lsrt.runtime.spec.longspec import (ENCODE_PAD, LongSpecDrafter, _pruned, default_widths,
                                         make_longspec_drafter)
 from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target
+from lsrt.runtime.spec.tree import DraftTree
 from lsrt.runtime.spec.longspec_ckpt import load_longspec_checkpoint
 from lsrt.sessions.blob import decode_draft_blob, encode_draft_blob
 
@@ -31,11 +32,15 @@ def tiny(request, tmp_path_factory, smollm2_dir):
 
 
 def drafter_for(llm: LLM, widths, *, sink=4, window=16, seed=None, cross_start=None,
-                mlp_width=None) -> LongSpecDrafter:
+                mlp_width=None, feature=False) -> LongSpecDrafter:
     draft = init_from_target(llm.runner.model, LongSpecConfig(sink=sink, window=window,
-                                                              mlp_width=mlp_width))
+                                                              mlp_width=mlp_width,
+                                                              feature=feature))
     if seed is not None:  # a draft that is not a copy of the last layer
         perturb(draft, seed)
+    if feature:  # a feature large enough to move the drafts
+        with torch.no_grad():
+            draft.feat_w.normal_(generator=torch.Generator().manual_seed(7))
     return LongSpecDrafter(llm.runner, draft, widths=widths, cross_start=cross_start)
 
 
@@ -51,14 +56,17 @@ def run(llm: LLM, ids: list[int], drafter, params: SamplingParams):
         seq.release()
 
 
-@pytest.mark.parametrize("widths,mlp_width", [((1, 1, 1), None), ((2, 3, 3), None),
-                                              ((4, 8, 8, 8), None), ((2, 3, 3), 250)],
-                         ids=["chain", "tree", "pruned", "wide-mlp"])
-def test_greedy_identical(tiny, widths, mlp_width):
+@pytest.mark.parametrize("widths,mlp_width,feature",
+                         [((1, 1, 1), None, False), ((2, 3, 3), None, False),
+                          ((4, 8, 8, 8), None, False), ((2, 3, 3), 250, False),
+                          ((2, 3, 3), None, True)],
+                         ids=["chain", "tree", "pruned", "wide-mlp", "feature"])
+def test_greedy_identical(tiny, widths, mlp_width, feature):
     ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 120, seed=3)
     params = SamplingParams(max_tokens=24)
     plain = run(tiny, ids, None, params)
-    spec = run(tiny, ids, drafter_for(tiny, widths, seed=1, mlp_width=mlp_width), params)
+    spec = run(tiny, ids, drafter_for(tiny, widths, seed=1, mlp_width=mlp_width,
+                                      feature=feature), params)
     assert spec.token_ids == plain.token_ids
     assert spec.stats.drafted_tokens > 0
 
@@ -474,3 +482,57 @@ def test_drafters_sharing_a_workspace_match_private_ones(tiny):
     finally:
         for seq, _, _ in runs:
             seq.release()
+
+
+def test_sequence_feature_is_the_final_hidden_state(tiny):
+    """After a prefill and after every committed step, the sequence's feature is the target's
+    final hidden state at its last committed position (what a fresh prefill of the same tokens
+    computes); a truncation below it drops it, and a feature draft then reads zeros."""
+    runner = tiny.runner
+    ids = repetitive_prompt(runner.cfg.vocab_size, 90, seed=4)
+
+    def fresh(tokens):
+        seq = runner.new_sequence()
+        try:
+            runner.prefill(seq, tokens)
+            return seq.current_feature().clone()
+        finally:
+            seq.release()
+
+    future = run(tiny, ids, None, SamplingParams(max_tokens=40)).token_ids
+
+    class Oracle:  # a wrong first child, then the target's next 3 tokens: path [0, 2, 3, 4]
+        def propose(self, history, max_nodes):
+            nxt = future[len(history) - len(ids):][:3]
+            return DraftTree(tokens=[history[-1], (nxt[0] + 1) % runner.cfg.vocab_size, *nxt],
+                             parents=[-1, 0, 0, 2, 3])
+
+    seq = runner.new_sequence()
+    try:
+        runner.prefill(seq, ids[:-1])
+        assert seq.feature_pos == len(ids) - 2
+        torch.testing.assert_close(seq.current_feature(), fresh(ids[:-1]))
+        history = list(ids)
+        for _ in range(4):
+            emitted, _ = tiny.engine.step(seq, history, Oracle(), SamplingParams(), None, 64)
+            assert len(emitted) == 4  # three accepted (moved in the KV) and the bonus
+            history.extend(emitted)
+            assert seq.feature_pos == seq.num_tokens - 1 == len(history) - 2
+            torch.testing.assert_close(seq.current_feature(), fresh(history[:-1]),
+                                       rtol=1e-4, atol=1e-4)
+        drafter = drafter_for(tiny, (2, 3, 3), seed=1, feature=True)
+        drafter.observe(history)
+        drafter.bind(seq)
+        drafter.propose(history, 16)
+        torch.testing.assert_close(drafter._feature[0], seq.current_feature())
+        fork = seq.fork()
+        torch.testing.assert_close(fork.current_feature(), seq.current_feature())
+        fork.release()
+        seq.truncate(seq.num_tokens - 2)
+        assert seq.current_feature() is None and seq.feature_pos == -1
+        del history[seq.num_tokens + 1:]
+        drafter.rollback(len(history))
+        drafter.propose(history, 16)
+        assert not drafter._feature.any()  # no stale feature: zeros
+    finally:
+        seq.release()

@@ -13,7 +13,8 @@ import torch
 from lsrt.runtime.model import load_model
 from lsrt.runtime.runner import ModelRunner, RunnerConfig
 from lsrt.runtime.spec.longspec import LongSpecDrafter, make_longspec_drafter
-from lsrt.runtime.spec.longspec_layer import LongSpecConfig, init_from_target, widen_mlp
+from lsrt.runtime.spec.longspec_layer import (LongSpecConfig, add_feature, init_from_target,
+                                              widen_mlp)
 from lsrt.runtime.spec.longspec_ckpt import load_draft
 from lsrt.runtime.training.data import (DataConfig, Mixture, build_corpus, build_mixture,
                                         parse_sources)
@@ -84,29 +85,33 @@ def test_lag_commit_and_self_mask():
         assert mask[q].nonzero().flatten().tolist() == want
 
 
-def mirror_draft(target):
+def mirror_draft(target, feature=False):
     """A perturbed draft whose cross-attention output is amplified, so that reading one
-    target key more or less shows in the top-k."""
-    draft = perturbed_draft(target, sink=2, window=8)
+    target key more or less shows in the top-k (with `feature`: a large random `feat_w`, so
+    that reading another position's hidden state does too)."""
+    draft = perturbed_draft(target, sink=2, window=8, feature=feature)
     with torch.no_grad():
         draft.ca_o_w.mul_(10)
+        if feature:
+            draft.feat_w.normal_(0, 1, generator=torch.Generator().manual_seed(4))
     return draft
 
 
 @pytest.mark.parametrize("n", [50, 7])
-def test_training_mirrors_inference(target, n):
+@pytest.mark.parametrize("feature", [False, True], ids=["kv", "feature"])
+def test_training_mirrors_inference(target, n, feature):
     """The drafter's top-k at the root and its depth-2 choice equal the training forward's
-    (same own-cache window, same target KV, same lag) on the same tokens."""
-    from lsrt.runtime.spec.tree import DraftTree
-    from lsrt.runtime.training.longspec_train import self_window_mask, target_last_kv
+    (same own-cache window, same target KV, same lag, same feature: the target's final hidden
+    state at the last committed position) on the same tokens."""
+    from lsrt.runtime.training.longspec_train import draft_hidden
 
     runner = ModelRunner(target, RunnerConfig(kv_budget_mb=8, block_size=8))
     ids = stream(target.cfg.vocab_size, n, seed=3).tolist()
     seq = runner.new_sequence()
     try:
         runner.prefill(seq, ids[:-1])
-        top5 = LongSpecDrafter(runner, mirror_draft(target), widths=(5,))
-        chain = LongSpecDrafter(runner, mirror_draft(target), widths=(1, 1))
+        top5 = LongSpecDrafter(runner, mirror_draft(target, feature), widths=(5,))
+        chain = LongSpecDrafter(runner, mirror_draft(target, feature), widths=(1, 1))
         for d in (top5, chain):
             d.observe(ids)
             d.bind(seq)
@@ -117,11 +122,9 @@ def test_training_mirrors_inference(target, n):
     pos = torch.arange(n + 1)
     commit = torch.arange(n + 1)
     commit[n] = n - 1  # the depth-2 query sees the same committed target KV as the root
-    k, v, _ = target_last_kv(target, full, pos)
-    cross = torch.arange(n + 1)[None, :] < commit[:, None]
     with torch.no_grad():
-        hidden, _, _ = mirror_draft(target)(target.embed[full], pos, None, None,
-                                            self_window_mask(commit, 2, 8), k, v, cross)
+        hidden, _ = draft_hidden(mirror_draft(target, feature), target, full, pos, commit,
+                                 torch.device("cpu"), torch.float32)
     logits = hidden @ target.lm_head.float().T
     assert tree.tokens[1:] == logits[n - 1].topk(5).indices.tolist()
     assert path.tokens[1] == tree.tokens[1]
@@ -203,6 +206,11 @@ def test_cli_end_to_end(tmp_path, smollm2_dir):
     assert main([*wide, "--steps", "1"]) == 0 and main([*wide, "--steps", "2", "--resume"]) == 0
     meta = json.loads((tmp_path / "wide" / "config.json").read_text())
     assert meta["mlp_width"] == 160 and meta["step"] == 2
+    feat = [*args[:5], str(tmp_path / "feat"), *args[6:], "--init", str(out), "--feature"]
+    assert main([*feat, "--steps", "1"]) == 0 and main([*feat, "--steps", "2", "--resume"]) == 0
+    meta = json.loads((tmp_path / "feat" / "config.json").read_text())
+    assert meta["feature"] is True and meta["step"] == 2
+    assert load_draft(tmp_path / "feat", load_model(tdir).cfg).feat_w.abs().sum() > 0
 
 
 def test_corpus_tokens_and_holdout(tmp_path, smollm2_dir):
@@ -383,3 +391,40 @@ def test_frequent_tokens_weighted_by_source():
     assert frequent_tokens(a, 10, 10).tolist()[4:] == [0, 3, 4, 6, 8, 9]
     with pytest.raises(ValueError):
         frequent_tokens(a, 10, 0)
+
+
+def test_feature_keeps_the_output_then_trains(target, tmp_path):
+    """`add_feature` gives a trained draft the target's feature without changing its loss
+    (`feat_w` starts at zero); training moves `feat_w`, and the feature is what lowers the
+    loss: the same draft fed zeros instead does worse. Saves, loads and drafts."""
+    cfg = TrainConfig(seq_len=48, lr=3e-3, warmup=1, total_steps=20, max_position=4096,
+                      kl_weight=1.0, ce_weight=0.0, max_lag=6)
+    plain = perturbed_draft(target)
+    feat = add_feature(plain)
+    assert feat.lcfg.feature and not feat.feat_w.any()
+    with pytest.raises(ValueError, match="already"):
+        add_feature(feat)
+    tr = LongSpecTrainer(target, feat, cfg, stream(target.cfg.vocab_size, 500))
+    ids, pos, commit = tr.sample()
+    with torch.no_grad():
+        before = [float(draft_loss(d, target, tr.head, ids, pos, commit, 1.0, 0.0))
+                  for d in (plain, feat)]
+    assert before[1] == pytest.approx(before[0], rel=1e-6, abs=1e-6)
+    losses = [tr.step_on([(ids, pos, commit)]) for _ in range(12)]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert feat.feat_w.abs().sum() > 0
+    blind = add_feature(plain)  # the trained weights, but the feature zeroed
+    with torch.no_grad():
+        for name, p in blind.named_parameters():
+            p.copy_(dict(feat.named_parameters())[name])
+        blind.feat_w.zero_()
+        seen = float(draft_loss(feat, target, tr.head, ids, pos, commit, 1.0, 0.0))
+        unseen = float(draft_loss(blind, target, tr.head, ids, pos, commit, 1.0, 0.0))
+    assert seen < unseen, (seen, unseen)
+    train(tr, tr.step + 1, tmp_path, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["feature"] is True
+    loaded = load_draft(tmp_path, target.cfg)
+    for name, p in feat.named_parameters():
+        assert torch.equal(dict(loaded.named_parameters())[name], p.detach())
+    assert init_from_target(target, LongSpecConfig(feature=True)).feat_w.shape == \
+        (target.cfg.hidden_size, target.cfg.hidden_size)
