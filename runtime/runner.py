@@ -137,7 +137,8 @@ class ModelRunner:
             hidden, out = self._forward(part, positions, meta,
                                         slice(n - 1, n) if last else None)
             seq.num_tokens += n
-            seq.set_feature(hidden[-1].clone(), seq.num_tokens - 1)
+            if i + chunk >= len(tokens):  # the last chunk: its last row is the new feature
+                seq.set_feature(hidden[-1].clone(), seq.num_tokens - 1)
             if out is not None:
                 logits = out[0]
             if progress is not None:

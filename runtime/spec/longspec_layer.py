@@ -243,18 +243,12 @@ def widen_mlp(draft: LongSpecDraft, width: int, seed: int = 0) -> LongSpecDraft:
     old = draft.mlp_width
     if width < old:
         raise ValueError(f"widen_mlp: the MLP has {old} units; cannot narrow it to {width}")
-    wide = LongSpecDraft(draft.cfg, replace(draft.lcfg, mlp_width=width))
-    params = dict(wide.named_parameters())
-    for name, t in draft.named_parameters():
-        if name not in ("gate_up_w", "down_w"):
-            params[name].copy_(t)
+    wide = _rebuilt(draft, replace(draft.lcfg, mlp_width=width), skip=("gate_up_w", "down_w"))
     g = torch.Generator().manual_seed(seed)
     gate, up = draft.gate_up_w.detach().float().cpu().chunk(2)  # [old, H] each
     fresh = [torch.randn(width - old, gate.shape[1], generator=g) * w.std() for w in (gate, up)]
     wide.gate_up_w.copy_(torch.cat([gate, fresh[0], up, fresh[1]]))
-    wide.down_w.zero_()
     wide.down_w[:, :old] = draft.down_w
-    wide.set_draft_vocab(draft.vocab_ids)
     return wide.to(draft.gate_up_w.device, draft.gate_up_w.dtype)
 
 
@@ -264,13 +258,21 @@ def add_feature(draft: LongSpecDraft) -> LongSpecDraft:
     the same function: its `feat_w` starts at zero, so training moves it from there."""
     if draft.feat_w is not None:
         raise ValueError("add_feature: the draft already reads the target's feature")
-    out = LongSpecDraft(draft.cfg, replace(draft.lcfg, feature=True,
-                                           mlp_width=draft.mlp_width))
+    out = _rebuilt(draft, replace(draft.lcfg, feature=True, mlp_width=draft.mlp_width))
+    return out.to(draft.gate_up_w.device, draft.gate_up_w.dtype)
+
+
+def _rebuilt(draft: LongSpecDraft, lcfg: LongSpecConfig, skip: tuple[str, ...] = ()
+             ) -> LongSpecDraft:
+    """A new float32 CPU draft under `lcfg` with `draft`'s weights (all but `skip`, which stay
+    zero) and draft vocabulary."""
+    out = LongSpecDraft(draft.cfg, lcfg)
     params = dict(out.named_parameters())
     for name, t in draft.named_parameters():
-        params[name].copy_(t)
+        if name not in skip:
+            params[name].copy_(t)
     out.set_draft_vocab(draft.vocab_ids)
-    return out.to(draft.gate_up_w.device, draft.gate_up_w.dtype)
+    return out
 
 
 # -- the drafter ------------------------------------------------------------------------
