@@ -24,7 +24,9 @@
 #                                      # tried 2026-12-07, not better: docs/BENCHMARKS.md round 12)
 #   FEATURE=1 RUN_NAME=feat GEN_FILES=$WORK/gen24.pt@2 bench/smollm2_draft_gpu.sh more
 #                                      # the same, reading the target's final hidden state
-#                                      # (`--feature`, EAGLE's feature; feat_w starts at zero)
+#                                      # (`--feature`, EAGLE's feature; feat_w starts at zero).
+#                                      # The shipped draft's fifth stage (round 15): this with
+#                                      # STEPS=3000 MINUTES=4.82, then STEPS=6000 MINUTES=2.35
 #
 # The shipped draft's last two stages: `gen2`, then `MINUTES=4 more` and `MINUTES=7.3 more`
 # (it resumes; 2600 steps); that draft copied into runtime/drafts/, then `gen3` and

@@ -30,6 +30,7 @@ def test_found_by_weights_and_used_by_default(smollm2):
     assert meta["target_digest"] == target_digest(smollm2.runner.model)
     drafter = make_drafter("longspec", smollm2)
     assert isinstance(drafter, LongSpecDrafter) and len(drafter.head_ids) == 8192
+    assert drafter.draft.feat_w is not None  # round 15: it reads the target's feature
     assert isinstance(make_drafter("auto", smollm2).model, LongSpecDrafter)
     assert not isinstance(make_drafter("auto:self", smollm2).model, LongSpecDrafter)
 
