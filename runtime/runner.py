@@ -133,11 +133,11 @@ class ModelRunner:
                 (n, n), dtype=torch.bool, device=self.config.device).tril_()
             meta = self._meta(seq, n, mask)
             positions = torch.arange(seq.num_tokens, seq.num_tokens + n)
-            last = want_logits and i + chunk >= len(tokens)
+            final = i + chunk >= len(tokens)
             hidden, out = self._forward(part, positions, meta,
-                                        slice(n - 1, n) if last else None)
+                                        slice(n - 1, n) if want_logits and final else None)
             seq.num_tokens += n
-            if i + chunk >= len(tokens):  # the last chunk: its last row is the new feature
+            if final:  # the last chunk: its last row is the new feature
                 seq.set_feature(hidden[-1].clone(), seq.num_tokens - 1)
             if out is not None:
                 logits = out[0]
