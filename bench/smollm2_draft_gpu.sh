@@ -27,6 +27,10 @@
 #                                      # (`--feature`, EAGLE's feature; feat_w starts at zero).
 #                                      # The shipped draft's fifth stage (round 15): this with
 #                                      # STEPS=3000 MINUTES=4.82, then STEPS=6000 MINUTES=2.35
+#   LAYERS=2,15 RUN_NAME=layers GEN_FILES=$WORK/gen24.pt@2 bench/smollm2_draft_gpu.sh more
+#                                      # the same, with target layers 2 and 15 appended to the
+#                                      # feature (`--feature-layers`, EAGLE-3's low and middle
+#                                      # layers; their feat_w blocks start at zero)
 #
 # The shipped draft's last two stages: `gen2`, then `MINUTES=4 more` and `MINUTES=7.3 more`
 # (it resumes; 2600 steps); that draft copied into runtime/drafts/, then `gen3` and
@@ -93,6 +97,7 @@ more)
     WIDEN=()
     [ -n "${WIDTH:-}" ] && WIDEN=(--mlp-width "$WIDTH")
     [ -n "${FEATURE:-}" ] && WIDEN+=(--feature)
+    [ -n "${LAYERS:-}" ] && WIDEN+=(--feature-layers "$LAYERS")
     "$PY" -m lsrt.runtime.training.longspec_train "${COMMON[@]}" --init runtime/drafts/smollm2-135m "${WIDEN[@]}" \
         --out "$RUN" --data "stdlib@1,${TRACES[0]}@1,${TRACES[1]}@1,${TRACES[2]}@1,${GEN_FILES:-$WORK/gen.pt@2,$WORK/gen2.pt@4}" \
         --stage long --seq-len 4096 --batch 2 --lr "${LR:-1e-4}" --steps "${STEPS:-2600}" \

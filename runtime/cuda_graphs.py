@@ -139,6 +139,7 @@ class GraphRunner:
         self._steps = {n: StaticStep(n, device, self._block_table, self.max_prefix,
                                      runner.scale, pool.block_size, cfg.attention)
                        for n in sorted(cfg.sizes)}
+        self._taps: tuple[int, ...] | None = None  # the runner's feature_taps when captured
         if cfg.capture:
             self._capture_all()
 
@@ -187,6 +188,8 @@ class GraphRunner:
         self._load_block_table(seq)
         bs, blocks = self.pool.block_size, seq.blocks
         slots = [blocks[p // bs] * bs + p % bs for p in range(start, start + size)]
+        if self.graph_config.capture and self._taps != self.runner.feature_taps:
+            self._capture_all()  # a draft began reading more target layers (`tap_layers`)
         step = self._steps[size]
         step.fill(tree, start, slots)
         if step.graph is not None:
@@ -218,13 +221,15 @@ class GraphRunner:
         """The whole target forward plus logits over the step's static buffers -> final hidden
         states `[N, H]` and logits `[N, vocab]`."""
         model, pool = self.runner.model, self.runner.pool
-        hidden = model(step.ids, step.positions, pool.k, pool.v, step.meta, step.backend)
+        hidden = model(step.ids, step.positions, pool.k, pool.v, step.meta, step.backend,
+                       taps=self.runner.feature_taps)
         return hidden, model.logits(hidden)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
         """Warm up and capture every size into one shared memory pool, largest first (so the
         smaller graphs reuse its blocks). Warm-up K/V goes to a scratch sequence's slots."""
+        self._taps = self.runner.feature_taps
         mempool = torch.cuda.graph_pool_handle()
         biggest = max(self._steps)
         scratch = self.runner.new_sequence()

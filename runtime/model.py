@@ -105,16 +105,20 @@ class DecoderModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
-                backend: AttentionBackend) -> torch.Tensor:
+                backend: AttentionBackend, taps: tuple[int, ...] = ()) -> torch.Tensor:
         """input_ids/positions `[n]` -> final hidden states `[n, hidden]` (after the last norm).
 
         k_cache/v_cache: the pool, `[layers, Hkv, slots, D]`; the new K/V are written at
         `meta.write_slots` before attention reads them.
+        taps: layer indices whose residual stream after the layer, RMS-normalised without a
+        weight, is appended: `[n, hidden * (1 + len(taps))]`, the final hidden states first
+        (a LongSpec draft's multi-layer feature; `logits` reads the first block only).
         """
         ops, lin, eps, layers = self.ops, self.linear, self.cfg.rms_norm_eps, self.layers
         x = self.embed[input_ids]
         cos, sin = self.rope(positions)
         h = ops.rms_norm(x, layers[0].in_norm, eps)  # x: the residual stream, h: x normed
+        tapped: list[torch.Tensor] = []
         for i, layer in enumerate(layers):
             q, k, v = layer.qkv(h, cos, sin, ops, lin, k_cache[i], v_cache[i], meta.write_slots)
             attn = backend.attend(q, k_cache[i], v_cache[i], k, v, meta)
@@ -122,11 +126,15 @@ class DecoderModel(torch.nn.Module):
                                     layer.post_norm, eps)
             after = layers[i + 1].in_norm if i + 1 < len(layers) else self.norm
             x, h = ops.add_rms_norm(x, layer.mlp(h, ops, lin), after, eps)
-        return h
+            if i in taps:
+                tapped.append(x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True)
+                                              + eps).to(x.dtype))
+        return torch.cat([h, *tapped], -1) if taps else h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden `[m, hidden]` -> logits `[m, vocab]` float32."""
-        return self.linear(hidden, self.lm_head).float()
+        """hidden `[m, hidden]` (or `forward(taps=...)`'s wider rows: the first block is read)
+        -> logits `[m, vocab]` float32."""
+        return self.linear(hidden[..., :self.cfg.hidden_size], self.lm_head).float()
 
 
 def _hf_name_map(cfg: ModelConfig) -> dict[str, tuple[str, int | None]]:

@@ -90,6 +90,28 @@ class ModelRunner:
                 linear.prepare(model.projection_weights())
             model.linear = linear
         self.scale = self.cfg.head_dim ** -0.5
+        # Target layers whose residual streams every forward appends to its hidden rows, after
+        # the final hidden state (`DecoderModel.forward(taps=...)`): the multi-layer feature
+        # of LongSpec drafts with `feature_layers`. Only grows (`tap_layers`).
+        self.feature_taps: tuple[int, ...] = ()
+
+    def tap_layers(self, layers: tuple[int, ...]) -> None:
+        """From the next forward on, also append `layers`' residual streams to the feature
+        (the union with the layers already tapped, in increasing order). A feature computed
+        before the change is narrower than the taps say: readers then treat it as unknown."""
+        taps = tuple(sorted(set(self.feature_taps) | set(layers)))
+        if any(not 0 <= i < self.cfg.num_layers for i in taps):
+            raise ValueError(f"tap_layers {layers}: the target has layers "
+                             f"0..{self.cfg.num_layers - 1}")
+        self.feature_taps = taps
+
+    def feature_blocks(self, layers: tuple[int, ...]) -> list[int] | None:
+        """Which `[H]` blocks of a feature row under the current taps hold the final hidden
+        state and then `layers`' (None: a layer is not tapped)."""
+        taps = self.feature_taps
+        if not set(layers) <= set(taps):
+            return None
+        return [0, *(1 + taps.index(i) for i in layers)]
 
     def new_sequence(self) -> KVSequence:
         return KVSequence(self.pool)
@@ -114,10 +136,12 @@ class ModelRunner:
     def _forward(self, tokens: list[int], positions: torch.Tensor, meta: AttentionMeta,
                  logit_rows: slice | torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (final hidden states `[n, H]`, logits of `logit_rows` or None)."""
+        """-> (final hidden states `[n, H]`, then `feature_taps`' blocks; logits of
+        `logit_rows` or None)."""
         dev = self.config.device
         ids = torch.tensor(tokens, dtype=torch.long, device=dev)
-        hidden = self.model(ids, positions.to(dev), self.pool.k, self.pool.v, meta, self.backend)
+        hidden = self.model(ids, positions.to(dev), self.pool.k, self.pool.v, meta, self.backend,
+                            taps=self.feature_taps)
         return hidden, None if logit_rows is None else self.model.logits(hidden[logit_rows])
 
     def prefill(self, seq: KVSequence, tokens: list[int], *, want_logits: bool = False,

@@ -198,13 +198,17 @@ class LongSpecDrafter:
         self.history.extend(tokens)
 
     def rollback(self, num_tokens: int) -> None:
+        with self.ws.lock:
+            self._rollback(num_tokens)
+
+    def _rollback(self, num_tokens: int) -> None:
+        """`rollback` with the workspace lock held (as `_propose` holds it)."""
         del self.history[num_tokens:]
         # History [0, num_tokens) stays; its last token may be pending (not committed), so
         # its target K/V may be rewritten: copy from num_tokens - 1 on. (A drafter that does not
         # own the workspace leaves it alone: taking it over marks the cross buffer stale.)
-        with self.ws.lock:
-            if self.ws.owned_by(self):
-                self.x_len = min(self.x_len, max(0, num_tokens - 1))
+        if self.ws.owned_by(self):
+            self.x_len = min(self.x_len, max(0, num_tokens - 1))
         if self.done > num_tokens:
             # Ring slots of [num_tokens - window, done - window) were overwritten.
             self.floor = min(max(self.floor, self.done - self.window), num_tokens)
@@ -256,7 +260,7 @@ class LongSpecDrafter:
 
     def _propose(self, history: list[int], max_nodes: int) -> DraftTree | None:
         if len(history) != len(self.history):  # the engine did not tell us: follow the history
-            self.rollback(min(len(history), len(self.history)))
+            self._rollback(min(len(history), len(self.history)))  # (the lock is held)
             self.history = list(history)
         root = len(history) - 1
         widths = self._shape(root, max_nodes)
@@ -281,11 +285,7 @@ class LongSpecDrafter:
         host[4 + ENCODE_PAD + k:] = -1
         self._stage.copy_(self._stage_host, non_blocking=True)
         if self.draft.feat_w is not None:
-            feature = self.seq.current_feature()
-            if feature is None:  # e.g. a sequence restored without its last forward pass
-                self._feature.zero_()
-            else:
-                self._feature.copy_(feature.view(1, -1))
+            self.ws.load_feature(self.seq.current_feature())
         vocab = self.head.shape[0]
         sizes = [1]  # nodes per level, known before drafting: no host sync inside the loop
         for w in widths:

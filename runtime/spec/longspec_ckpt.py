@@ -115,6 +115,8 @@ def save_draft(draft: LongSpecDraft, out_dir: str | Path, extra: dict | None = N
             "sink": draft.lcfg.sink, "window": draft.lcfg.window,
             "final_norm": draft.lcfg.final_norm, "mlp_width": draft.mlp_width,
             "feature": draft.lcfg.feature, "target": _shape_fields(draft.cfg),
+            **({"feature_layers": list(draft.lcfg.feature_layers)}
+               if draft.lcfg.feature_layers else {}),
             **(extra or {})}
     _write_draft(Path(out_dir), tensors, meta)
 
@@ -171,11 +173,14 @@ def load_draft(path: str | Path, target_cfg: ModelConfig) -> LongSpecDraft:
         raise ValueError(f"{path}: not an lsrt longspec draft ({meta.get('format')})")
     if meta["target"] != _shape_fields(target_cfg):
         raise ValueError(f"{path}: draft made for {meta['target']}, not this target")
-    # Drafts saved before `mlp_width` / `feature` existed: the target's MLP width, no feature.
+    # Drafts saved before `mlp_width` / `feature` / `feature_layers` existed: the target's MLP
+    # width, no feature, the final hidden state alone.
     draft = LongSpecDraft(target_cfg, LongSpecConfig(sink=meta["sink"], window=meta["window"],
                                                      final_norm=meta["final_norm"],
                                                      mlp_width=meta.get("mlp_width"),
-                                                     feature=meta.get("feature", False)))
+                                                     feature=meta.get("feature", False),
+                                                     feature_layers=tuple(
+                                                         meta.get("feature_layers", ()))))
     state = load_file(str(Path(path) / "draft.safetensors"))
     if "vocab_ids" in state:
         if state["vocab_ids"].is_floating_point():

@@ -5,7 +5,9 @@ The draft layer (built from the target's config, fed the target's frozen token e
     x  = embed[token]
     x += SelfAttn(norm(x))      own K/V, sink + sliding window, RoPE at the draft position
     x += feat_w @ f             optional (`LongSpecConfig.feature`): f = the target's final
-                                hidden state at the last committed position (EAGLE's feature)
+                                hidden state at the last committed position (EAGLE's feature),
+                                then its residual stream after each of `feature_layers`
+                                (normalised; EAGLE-3's low and middle layers)
     x += CrossAttn(norm(x))     query only; K/V = the target's LAST layer, committed positions
     x += MLP(norm(x))
     logits = lm_head(final_norm(x))   (final_norm absent in the published checkpoints)
@@ -51,6 +53,10 @@ class LongSpecConfig:
     # "feature"): the draft then starts from what all the target's layers computed, not only
     # from its last layer's K/V. The same vector serves every node of a tree.
     feature: bool = False
+    # Target layers (0-based) whose residual stream after the layer, RMS-normalised without a
+    # weight, is appended to the feature (EAGLE-3 reads a low, a middle and the top layer):
+    # feat_w is then `[H, H * (1 + len(feature_layers))]`. Needs `feature`.
+    feature_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.sink < 0 or self.window < 1:
@@ -58,6 +64,16 @@ class LongSpecConfig:
                              f"{self.window}")
         if self.mlp_width is not None and self.mlp_width < 1:
             raise ValueError(f"longspec mlp_width must be >= 1, got {self.mlp_width}")
+        layers = self.feature_layers
+        if layers and (not self.feature or any(i < 0 for i in layers)
+                       or list(layers) != sorted(set(layers))):
+            raise ValueError("longspec feature_layers must be distinct increasing layer "
+                             f"indices >= 0 of a draft with feature=True, got {layers}")
+
+    @property
+    def feature_width(self) -> int:
+        """How many hidden-size blocks the feature has (0: the draft reads none)."""
+        return (1 + len(self.feature_layers)) if self.feature else 0
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -108,7 +124,11 @@ class LongSpecDraft(torch.nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = p(d), p(d)
         self.final_norm = p(h) if self.lcfg.final_norm else None
-        self.feat_w = p(h, h) if self.lcfg.feature else None
+        if any(i >= cfg.num_layers - 1 for i in self.lcfg.feature_layers):
+            raise ValueError(f"longspec feature_layers {self.lcfg.feature_layers}: the target "
+                             f"has layers 0..{cfg.num_layers - 1}, and the last one's output "
+                             "is the final hidden state already in the feature")
+        self.feat_w = p(h, h * self.lcfg.feature_width) if self.lcfg.feature else None
         self.register_buffer("vocab_ids", None)  # see set_draft_vocab
         self.inv_freq = rope_inv_freq(cfg)  # `[D/2]` float32, a plain attribute: never cast
         self.scale = d ** -0.5
@@ -173,8 +193,10 @@ class LongSpecDraft(torch.nn.Module):
         (the drafter's split-K Triton kernel on CUDA; cross_k/v/mask are then not read).
         projected: x's (q, k, v, cos, sin), already computed by `rope` and `project_self` (the
         drafter projects its staged encode rows and the root in one pass).
-        feature: `[n, H]` or `[1, H]` (one for every row), the target's final hidden state at
-        each row's last committed position; read only by drafts with `feat_w` (None: zeros).
+        feature: `[n, F]` or `[1, F]` (one for every row), the target's feature at each row's
+        last committed position (F = H * lcfg.feature_width: the final hidden state, then the
+        tapped layers', `DecoderModel.forward(taps=...)`); read only by drafts with `feat_w`
+        (None: zeros).
         """
         cfg, ops, lin, n, eps = self.cfg, self.ops, self.linear, x.shape[0], self.cfg.rms_norm_eps
         if projected is None:
@@ -253,12 +275,20 @@ def widen_mlp(draft: LongSpecDraft, width: int, seed: int = 0) -> LongSpecDraft:
 
 
 @torch.no_grad()
-def add_feature(draft: LongSpecDraft) -> LongSpecDraft:
-    """A copy of `draft` that reads the target's feature (`LongSpecConfig.feature`) and computes
-    the same function: its `feat_w` starts at zero, so training moves it from there."""
+def add_feature(draft: LongSpecDraft, layers: tuple[int, ...] = ()) -> LongSpecDraft:
+    """A copy of `draft` that reads the target's feature (`LongSpecConfig.feature`), with the
+    residual streams of `layers` appended (`feature_layers`), and computes the same function:
+    the new columns of `feat_w` start at zero (a draft already reading the final hidden state
+    keeps that block), so training moves them from there."""
+    old = draft.lcfg.feature_layers
+    if draft.feat_w is not None and (old or not layers):
+        raise ValueError("add_feature: the draft already reads the target's feature"
+                         + (f" (layers {old})" if old else ""))
+    lcfg = replace(draft.lcfg, feature=True, mlp_width=draft.mlp_width,
+                   feature_layers=tuple(layers))
+    out = _rebuilt(draft, lcfg, skip=("feat_w",))
     if draft.feat_w is not None:
-        raise ValueError("add_feature: the draft already reads the target's feature")
-    out = _rebuilt(draft, replace(draft.lcfg, feature=True, mlp_width=draft.mlp_width))
+        out.feat_w[:, :draft.feat_w.shape[1]] = draft.feat_w
     return out.to(draft.gate_up_w.device, draft.gate_up_w.dtype)
 
 

@@ -89,14 +89,36 @@ class LongSpecWorkspace:
         self._scalars, self._root_token = self._stage[:3], self._stage[3:4]
         self._root_enc_ids = self._stage[3:4 + ENCODE_PAD]  # the root token, then staged ids
         self._enc_pos = self._stage[4 + ENCODE_PAD:]
-        # The target's final hidden state at the last committed position (drafts with
-        # `feature`), copied in before each proposal; zeros when the sequence does not know it.
-        self._feature = torch.zeros((1, cfg.hidden_size), dtype=dtype, device=dev)
+        # The target's feature at the last committed position (drafts with `feature`: its final
+        # hidden state, then its `feature_layers`' residual streams, which the runner is told
+        # to tap), copied in before each proposal (`load_feature`).
+        self.runner = runner
+        self._feature = torch.zeros((1, cfg.hidden_size * max(1, draft.lcfg.feature_width)),
+                                    dtype=dtype, device=dev)
+        self._feature_index: dict[tuple[int, ...], torch.Tensor] = {}  # runner taps -> blocks
+        if draft.lcfg.feature_layers:
+            runner.tap_layers(draft.lcfg.feature_layers)
         self._graphs: dict[tuple, tuple] = {}  # (level sizes, capacity) -> graph, outputs
         self._uses: dict[tuple, int] = {}  # proposals per key (short runs stay eager)
         self._mempool = None
         self.lock = threading.Lock()
         self._owner: weakref.ref | None = None
+
+    def load_feature(self, feature: torch.Tensor | None) -> None:
+        """Copy the blocks the draft reads of a sequence's feature row (`[H * (1 + taps)]`:
+        the final hidden state, then the runner's tapped layers) into `_feature`; zeros when
+        the sequence does not know its feature (e.g. restored without its last forward pass)
+        or computed it under fewer taps (before this draft was loaded)."""
+        taps, h = self.runner.feature_taps, self.draft.cfg.hidden_size
+        if feature is None or feature.numel() != h * (1 + len(taps)):
+            self._feature.zero_()
+            return
+        index = self._feature_index.get(taps)
+        if index is None:
+            blocks = self.runner.feature_blocks(self.draft.lcfg.feature_layers)
+            index = torch.tensor(blocks, device=self._feature.device)
+            self._feature_index[taps] = index
+        self._feature.copy_(feature.view(-1, h).index_select(0, index).view(1, -1))
 
     def owned_by(self, drafter) -> bool:
         return self._owner is not None and self._owner() is drafter

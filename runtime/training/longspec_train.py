@@ -11,7 +11,8 @@ same tokens and positions:
   tokens; a query in a segment starting at index c sees the target's keys at indices < c (a
   draft query at depth d of a tree sees committed target KV only: lag d + 1);
 - feature (drafts with `LongSpecConfig.feature`): a query in a segment starting at c reads the
-  target's final hidden state at index c - 1, the last committed position (zeros when c = 0);
+  target's final hidden state at index c - 1, the last committed position (zeros when c = 0),
+  and the residual streams of its `feature_layers` there;
 - positions: `short` stage = Anchor-Offset indices (the first `anchor_sinks` tokens keep
   0..s-1, the rest shift by a random offset so short samples see long-context positions);
   `long` stage = plain 0..L-1.
@@ -107,10 +108,12 @@ def self_window_mask(commit: torch.Tensor, sink: int, window: int) -> torch.Tens
 
 
 @torch.no_grad()
-def target_last_kv(target: DecoderModel, ids: torch.Tensor, positions: torch.Tensor
+def target_last_kv(target: DecoderModel, ids: torch.Tensor, positions: torch.Tensor,
+                   taps: tuple[int, ...] = ()
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ids/positions `[L]` -> last-layer k, v `[Hkv, L, D]` (post-RoPE) and the target's final
-    hidden states `[L, H]`, from one causal pass into a scratch pool of L slots."""
+    hidden states `[L, H]` (with the `taps` layers' appended: `DecoderModel.forward`), from one
+    causal pass into a scratch pool of L slots."""
     cfg, n = target.cfg, ids.shape[0]
     shape = (cfg.num_layers, cfg.num_kv_heads, n, cfg.head_dim)
     kp = torch.empty(shape, dtype=target.dtype, device=target.device)
@@ -120,7 +123,7 @@ def target_last_kv(target: DecoderModel, ids: torch.Tensor, positions: torch.Ten
                          prefix_slots=None, kv_span=(0, n),
                          new_mask=torch.ones((n, n), dtype=torch.bool, device=dev).tril_(),
                          scale=cfg.head_dim ** -0.5)
-    hidden = target(ids.to(dev), positions.to(dev), kp, vp, meta, SdpaAttention())
+    hidden = target(ids.to(dev), positions.to(dev), kp, vp, meta, SdpaAttention(), taps=taps)
     return kp[-1].clone(), vp[-1].clone(), hidden
 
 
@@ -130,15 +133,16 @@ def draft_hidden(draft: LongSpecDraft, target: DecoderModel, ids: torch.Tensor,
     """The draft's hidden states `[L, H]` (ready for lm_head) over one sample, with the lag
     and own-window masks inference has, and the target's final hidden states `[L, H]`."""
     n = ids.shape[0]
-    k_t, v_t, hid_t = target_last_kv(target, ids, positions)
+    k_t, v_t, feat_t = target_last_kv(target, ids, positions, draft.lcfg.feature_layers)
+    hid_t = feat_t[:, :target.cfg.hidden_size]
     x = target.embed[ids.to(target.device)].to(device, dtype)
     lc = draft.lcfg
     self_mask = self_window_mask(commit, lc.sink, lc.window).to(device)
     cross_mask = (torch.arange(n)[None, :] < commit[:, None]).to(device)
     feature = None
-    if draft.feat_w is not None:  # the target's final hidden at each query's last committed
-        last = (commit - 1).clamp(min=0).to(hid_t.device)  # position (none before the first)
-        feature = (hid_t[last] * (commit > 0).to(hid_t)[:, None]).to(device, dtype)
+    if draft.feat_w is not None:  # the target's feature at each query's last committed
+        last = (commit - 1).clamp(min=0).to(feat_t.device)  # position (none before the first)
+        feature = (feat_t[last] * (commit > 0).to(feat_t)[:, None]).to(device, dtype)
     hidden, _, _ = draft(x, positions.to(device), None, None, self_mask, k_t.to(device, dtype),
                          v_t.to(device, dtype), cross_mask, feature=feature)
     return hidden, hid_t
@@ -329,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the draft reads the target's final hidden state at the last committed "
                    "position (EAGLE's feature; added to an --init draft without changing its "
                    "output: the new projection starts at zero)")
+    p.add_argument("--feature-layers", default="",
+                   help="comma-separated target layers (0-based) whose residual stream is "
+                   "appended to the feature (EAGLE-3's low and middle layers; implies "
+                   "--feature; added to an --init draft reading the final hidden state alone "
+                   "without changing its output)")
     p.add_argument("--max-lag", type=int, default=4)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -350,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
                                             parse_sources)
 
     a = build_parser().parse_args(argv)
+    try:
+        layers = tuple(int(x) for x in a.feature_layers.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"--feature-layers: comma-separated layer indices, got "
+                         f"{a.feature_layers!r}") from None
+    a.feature = a.feature or bool(layers)
     sources = parse_sources(a.data)
     model_dir = resolve_model(a.target, progress=not a.no_progress)
     target = load_model(model_dir, dtype=DTYPES[a.dtype], device=a.device)
@@ -370,9 +385,13 @@ def main(argv: list[str] | None = None) -> int:
                  else load_longspec_checkpoint(a.init, target.cfg))
     else:
         draft = init_from_target(target, LongSpecConfig(sink=a.sink, window=a.window,
-                                                        feature=a.feature))
-    if a.feature and draft.feat_w is None:
-        draft = add_feature(draft)
+                                                        feature=a.feature,
+                                                        feature_layers=layers))
+    if (a.feature and draft.feat_w is None) or (layers and not draft.lcfg.feature_layers):
+        draft = add_feature(draft, layers)
+    elif layers and draft.lcfg.feature_layers != layers:
+        raise SystemExit(f"--feature-layers {a.feature_layers}: the --init draft reads layers "
+                         f"{list(draft.lcfg.feature_layers)}")
     if a.mlp_width is not None and a.mlp_width != draft.mlp_width:
         draft = widen_mlp(draft, a.mlp_width, seed=a.seed)
     if a.draft_vocab:

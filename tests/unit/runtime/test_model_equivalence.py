@@ -122,3 +122,29 @@ def test_fragmented_blocks_gather_path(pair):
     out = decode(runner, seq, 7)
     ref = hf_logits(hf, ids + [7])[-1]
     assert (out - ref).abs().max() < TOL
+
+
+def test_tapped_layers_are_transformers_hidden_states(pair):
+    """`forward(taps=...)`: the final hidden states first, unchanged, then each tapped layer's
+    residual stream (transformers' `hidden_states[i + 1]`) RMS-normalised without a weight; the
+    logits read the first block only. What a multi-layer LongSpec feature is built from."""
+    from lsrt.runtime.training.longspec_train import target_last_kv
+
+    hf, path = pair
+    model = load_model(path)
+    ids = torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(24)
+    h = model.cfg.hidden_size
+    _, _, plain = target_last_kv(model, ids, pos)
+    _, _, tapped = target_last_kv(model, ids, pos, taps=(0, 1))
+    assert tapped.shape == (24, 3 * h)
+    assert torch.equal(tapped[:, :h], plain)
+    assert torch.equal(model.logits(tapped), model.logits(plain))
+    with torch.no_grad():
+        states = hf(ids[None], output_hidden_states=True).hidden_states
+    # transformers' last hidden state is already normed: compare the first layer's tap
+    x = states[1][0].float()
+    want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + model.cfg.rms_norm_eps)
+    assert (tapped[:, h:2 * h] - want).abs().max() < TOL
+    for block in (1, 2):  # unit RMS
+        assert tapped[:, block * h:(block + 1) * h].pow(2).mean(-1).sub(1).abs().max() < 1e-3

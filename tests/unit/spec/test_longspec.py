@@ -536,3 +536,84 @@ def test_sequence_feature_is_the_final_hidden_state(tiny):
         assert not drafter._feature.any()  # no stale feature: zeros
     finally:
         seq.release()
+
+
+def test_feature_layers_are_tapped_and_stay_lossless(tiny):
+    """A draft reading target layers (`feature_layers`) has the runner append them to every
+    forward's feature from then on; it reads its blocks, a final-hidden-state draft on the same
+    runner reads the first block only, and a feature computed before the taps reads as zeros.
+    Greedy output equals plain decoding throughout. (Its own LLM: taps only grow.)"""
+    llm = LLM(tiny.model_dir, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8))
+    runner, h = llm.runner, llm.runner.cfg.hidden_size
+    ids = repetitive_prompt(runner.cfg.vocab_size, 120, seed=3)
+    params = SamplingParams(max_tokens=24)
+    plain = run(llm, ids, None, params)
+    early = runner.new_sequence()  # prefilled before any layer is tapped
+    try:
+        runner.prefill(early, ids[:-1])
+        assert early.current_feature().shape == (h,)
+        draft = init_from_target(runner.model, LongSpecConfig(sink=4, window=16, feature=True,
+                                                              feature_layers=(0,)))
+        perturb(draft, 1)
+        with torch.no_grad():
+            draft.feat_w.normal_(generator=torch.Generator().manual_seed(7))
+        layered = LongSpecDrafter(runner, draft, widths=(2, 3, 3))
+        assert runner.feature_taps == (0,)
+        layered.observe(ids)
+        layered.bind(early)
+        layered.propose(ids, 16)
+        assert not layered._feature.any()  # narrower than the taps: unknown, zeros
+    finally:
+        early.release()
+    spec = run(llm, ids, layered, params)
+    assert spec.token_ids == plain.token_ids and spec.stats.drafted_tokens > 0
+    seq = runner.new_sequence()
+    try:
+        runner.prefill(seq, ids[:-1])
+        feature = seq.current_feature()
+        assert feature.shape == (2 * h,)
+        torch.testing.assert_close(feature[:h], plain_feature(tiny, ids[:-1]))
+        layered.observe(ids)
+        layered.bind(seq)
+        layered.propose(ids, 16)
+        torch.testing.assert_close(layered._feature[0], feature)
+        final_only = drafter_for(llm, (2, 3, 3), seed=1, feature=True)
+        final_only.observe(ids)
+        final_only.bind(seq)
+        final_only.propose(ids, 16)
+        torch.testing.assert_close(final_only._feature[0], feature[:h])
+    finally:
+        seq.release()
+    assert run(llm, ids, final_only, params).token_ids == plain.token_ids
+
+
+def plain_feature(llm: LLM, tokens: list[int]) -> torch.Tensor:
+    """The final hidden state after prefilling `tokens` on a runner that taps no layer."""
+    assert llm.runner.feature_taps == ()
+    seq = llm.runner.new_sequence()
+    try:
+        llm.runner.prefill(seq, tokens)
+        return seq.current_feature().clone()
+    finally:
+        seq.release()
+
+
+def test_propose_follows_a_history_it_was_not_told_about(tiny):
+    """`propose` with a history other than the drafter's own rolls back to the common length
+    and follows it (under the workspace lock it holds: this deadlocked once), proposing what a
+    drafter told the history from the start proposes."""
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 60, seed=6)
+    seq = tiny.runner.new_sequence()
+    try:
+        tiny.runner.prefill(seq, ids[:-1])
+        told, untold = drafter_for(tiny, (2, 3), seed=1), drafter_for(tiny, (2, 3), seed=1)
+        told.observe(ids)
+        untold.observe(ids + ids[:7])  # longer than the engine's history
+        trees = []
+        for d in (told, untold):
+            d.bind(seq)
+            trees.append(d.propose(ids, 16))
+        assert untold.history == ids
+        assert trees[0].tokens == trees[1].tokens and trees[0].parents == trees[1].parents
+    finally:
+        seq.release()

@@ -88,8 +88,10 @@ def test_lag_commit_and_self_mask():
 def mirror_draft(target, feature=False):
     """A perturbed draft whose cross-attention output is amplified, so that reading one
     target key more or less shows in the top-k (with `feature`: a large random `feat_w`, so
-    that reading another position's hidden state does too)."""
-    draft = perturbed_draft(target, sink=2, window=8, feature=feature)
+    that reading another position's hidden state does too; a tuple: those target layers too)."""
+    layers = feature if isinstance(feature, tuple) else ()
+    draft = perturbed_draft(target, sink=2, window=8, feature=bool(feature),
+                            feature_layers=layers)
     with torch.no_grad():
         draft.ca_o_w.mul_(10)
         if feature:
@@ -98,20 +100,22 @@ def mirror_draft(target, feature=False):
 
 
 @pytest.mark.parametrize("n", [50, 7])
-@pytest.mark.parametrize("feature", [False, True], ids=["kv", "feature"])
+@pytest.mark.parametrize("feature", [False, True, (0,)], ids=["kv", "feature", "layers"])
 def test_training_mirrors_inference(target, n, feature):
     """The drafter's top-k at the root and its depth-2 choice equal the training forward's
     (same own-cache window, same target KV, same lag, same feature: the target's final hidden
-    state at the last committed position) on the same tokens."""
+    state at the last committed position, and there its tapped layers') on the same tokens."""
     from lsrt.runtime.training.longspec_train import draft_hidden
 
     runner = ModelRunner(target, RunnerConfig(kv_budget_mb=8, block_size=8))
     ids = stream(target.cfg.vocab_size, n, seed=3).tolist()
     seq = runner.new_sequence()
     try:
-        runner.prefill(seq, ids[:-1])
+        # the drafters first: a draft reading layers has the runner tap them from then on
         top5 = LongSpecDrafter(runner, mirror_draft(target, feature), widths=(5,))
         chain = LongSpecDrafter(runner, mirror_draft(target, feature), widths=(1, 1))
+        runner.prefill(seq, ids[:-1])
+        assert runner.feature_taps == (feature if isinstance(feature, tuple) else ())
         for d in (top5, chain):
             d.observe(ids)
             d.bind(seq)
@@ -211,6 +215,15 @@ def test_cli_end_to_end(tmp_path, smollm2_dir):
     meta = json.loads((tmp_path / "feat" / "config.json").read_text())
     assert meta["feature"] is True and meta["step"] == 2
     assert load_draft(tmp_path / "feat", load_model(tdir).cfg).feat_w.abs().sum() > 0
+    # the feature draft gains a tapped layer (0 of the tiny target's 2), and resumes with it
+    layers = [*args[:5], str(tmp_path / "lay"), *args[6:], "--init", str(tmp_path / "feat"),
+              "--feature", "--feature-layers", "0"]
+    assert main([*layers, "--steps", "1"]) == 0
+    assert main([*layers, "--steps", "2", "--resume"]) == 0
+    meta = json.loads((tmp_path / "lay" / "config.json").read_text())
+    assert meta["feature_layers"] == [0] and meta["step"] == 2
+    with pytest.raises(SystemExit, match="feature-layers"):
+        main([*layers[:-1], "0,x", "--steps", "1"])
 
 
 def test_corpus_tokens_and_holdout(tmp_path, smollm2_dir):
@@ -428,3 +441,42 @@ def test_feature_keeps_the_output_then_trains(target, tmp_path):
         assert torch.equal(dict(loaded.named_parameters())[name], p.detach())
     assert init_from_target(target, LongSpecConfig(feature=True)).feat_w.shape == \
         (target.cfg.hidden_size, target.cfg.hidden_size)
+
+
+def test_feature_layers_keep_the_output_then_train(target, tmp_path):
+    """`add_feature(draft, layers)` appends the tapped layers' blocks to a feature draft's
+    `feat_w` at zero (the same loss), training moves them, and the layers round-trip through
+    save/load. Bad layer lists are refused."""
+    cfg = TrainConfig(seq_len=48, lr=3e-3, warmup=1, total_steps=20, max_position=4096,
+                      kl_weight=1.0, ce_weight=0.0, max_lag=6)
+    h = target.cfg.hidden_size
+    feat = add_feature(perturbed_draft(target))
+    with torch.no_grad():
+        feat.feat_w.normal_(0, 0.05)
+    layered = add_feature(feat, (0,))
+    assert layered.lcfg.feature_layers == (0,) and layered.feat_w.shape == (h, 2 * h)
+    assert torch.equal(layered.feat_w[:, :h], feat.feat_w) and not layered.feat_w[:, h:].any()
+    with pytest.raises(ValueError, match="already"):
+        add_feature(layered, (0,))
+    tr = LongSpecTrainer(target, layered, cfg, stream(target.cfg.vocab_size, 500))
+    ids, pos, commit = tr.sample()
+    with torch.no_grad():
+        before = [float(draft_loss(d, target, tr.head, ids, pos, commit, 1.0, 0.0))
+                  for d in (feat, layered)]
+    assert before[1] == pytest.approx(before[0], rel=1e-6, abs=1e-6)
+    losses = [tr.step_on([(ids, pos, commit)]) for _ in range(12)]
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert layered.feat_w[:, h:].abs().sum() > 0
+    train(tr, tr.step + 1, tmp_path, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["feature_layers"] == [0]
+    loaded = load_draft(tmp_path, target.cfg)
+    assert loaded.lcfg.feature_layers == (0,)
+    for name, p in layered.named_parameters():
+        assert torch.equal(dict(loaded.named_parameters())[name], p.detach())
+    for bad in ((1, 0), (0, 0), (-1,)):
+        with pytest.raises(ValueError, match="feature_layers"):
+            LongSpecConfig(feature=True, feature_layers=bad)
+    with pytest.raises(ValueError, match="feature_layers"):
+        LongSpecConfig(feature_layers=(0,))  # without the feature
+    with pytest.raises(ValueError, match="final hidden state"):
+        init_from_target(target, LongSpecConfig(feature=True, feature_layers=(1,)))  # the last
