@@ -406,6 +406,20 @@ def test_frequent_tokens_weighted_by_source():
         frequent_tokens(a, 10, 0)
 
 
+def same_loss_then_trains(target, cfg, old, grown):
+    """`grown` (made from `old`) has `old`'s loss on a sample, and 12 steps on that sample
+    lower it. -> the trainer and the sample."""
+    tr = LongSpecTrainer(target, grown, cfg, stream(target.cfg.vocab_size, 500))
+    ids, pos, commit = tr.sample()
+    with torch.no_grad():
+        before = [float(draft_loss(d, target, tr.head, ids, pos, commit, 1.0, 0.0))
+                  for d in (old, grown)]
+    assert before[1] == pytest.approx(before[0], rel=1e-6, abs=1e-6)
+    losses = [tr.step_on([(ids, pos, commit)]) for _ in range(12)]
+    assert losses[-1] < losses[0] - 0.1, losses
+    return tr, (ids, pos, commit)
+
+
 def test_feature_keeps_the_output_then_trains(target, tmp_path):
     """`add_feature` gives a trained draft the target's feature without changing its loss
     (`feat_w` starts at zero); training moves `feat_w`, and the feature is what lowers the
@@ -417,14 +431,7 @@ def test_feature_keeps_the_output_then_trains(target, tmp_path):
     assert feat.lcfg.feature and not feat.feat_w.any()
     with pytest.raises(ValueError, match="already"):
         add_feature(feat)
-    tr = LongSpecTrainer(target, feat, cfg, stream(target.cfg.vocab_size, 500))
-    ids, pos, commit = tr.sample()
-    with torch.no_grad():
-        before = [float(draft_loss(d, target, tr.head, ids, pos, commit, 1.0, 0.0))
-                  for d in (plain, feat)]
-    assert before[1] == pytest.approx(before[0], rel=1e-6, abs=1e-6)
-    losses = [tr.step_on([(ids, pos, commit)]) for _ in range(12)]
-    assert losses[-1] < losses[0] - 0.1, losses
+    tr, (ids, pos, commit) = same_loss_then_trains(target, cfg, plain, feat)
     assert feat.feat_w.abs().sum() > 0
     blind = add_feature(plain)  # the trained weights, but the feature zeroed
     with torch.no_grad():
@@ -458,14 +465,7 @@ def test_feature_layers_keep_the_output_then_train(target, tmp_path):
     assert torch.equal(layered.feat_w[:, :h], feat.feat_w) and not layered.feat_w[:, h:].any()
     with pytest.raises(ValueError, match="already"):
         add_feature(layered, (0,))
-    tr = LongSpecTrainer(target, layered, cfg, stream(target.cfg.vocab_size, 500))
-    ids, pos, commit = tr.sample()
-    with torch.no_grad():
-        before = [float(draft_loss(d, target, tr.head, ids, pos, commit, 1.0, 0.0))
-                  for d in (feat, layered)]
-    assert before[1] == pytest.approx(before[0], rel=1e-6, abs=1e-6)
-    losses = [tr.step_on([(ids, pos, commit)]) for _ in range(12)]
-    assert losses[-1] < losses[0] - 0.1, losses
+    tr, _ = same_loss_then_trains(target, cfg, feat, layered)
     assert layered.feat_w[:, h:].abs().sum() > 0
     train(tr, tr.step + 1, tmp_path, progress=False)
     assert json.loads((tmp_path / "config.json").read_text())["feature_layers"] == [0]
