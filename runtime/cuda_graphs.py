@@ -179,6 +179,8 @@ class GraphRunner:
     @torch.inference_mode()
     def verify(self, seq: KVSequence, tree: DraftTree) -> torch.Tensor:
         """Target logits `[n, vocab]` at every node of `tree`, as `ModelRunner.verify`."""
+        if self.graph_config.capture and self._taps != self.runner.feature_taps:
+            self._capture_all()  # a draft began reading more target layers (`tap_layers`)
         n, start = len(tree), seq.num_tokens
         size = self.step_size(n)
         self.runner.check_context(start + n)
@@ -188,8 +190,6 @@ class GraphRunner:
         self._load_block_table(seq)
         bs, blocks = self.pool.block_size, seq.blocks
         slots = [blocks[p // bs] * bs + p % bs for p in range(start, start + size)]
-        if self.graph_config.capture and self._taps != self.runner.feature_taps:
-            self._capture_all()  # a draft began reading more target layers (`tap_layers`)
         step = self._steps[size]
         step.fill(tree, start, slots)
         if step.graph is not None:
