@@ -27,10 +27,14 @@
 #                                      # (`--feature`, EAGLE's feature; feat_w starts at zero).
 #                                      # The shipped draft's fifth stage (round 15): this with
 #                                      # STEPS=3000 MINUTES=4.82, then STEPS=6000 MINUTES=2.35
-#   LAYERS=2,15 RUN_NAME=layers GEN_FILES=$WORK/gen24.pt@2 bench/smollm2_draft_gpu.sh more
+#   FEATURE=1 RUN_NAME=rA GEN_FILES=$WORK/gen24.pt@2 STEPS=5000 bench/smollm2_draft_gpu.sh more
+#                                      # the shipped draft's sixth stage (round 16): a new run
+#                                      # from the fifth, MINUTES=6.15, 6.8, 5.47 (4,400 steps)
+#   FEATURE=1 LAYERS=2,15 RUN_NAME=rB GEN_FILES=$WORK/gen24.pt@2 STEPS=5000 bench/smollm2_draft_gpu.sh more
 #                                      # the same, with target layers 2 and 15 appended to the
 #                                      # feature (`--feature-layers`, EAGLE-3's low and middle
-#                                      # layers; their feat_w blocks start at zero)
+#                                      # layers; their feat_w blocks start at zero); round 16
+#                                      # ran it beside rA: 2.56 against 2.53, not shipped
 #
 # The shipped draft's last two stages: `gen2`, then `MINUTES=4 more` and `MINUTES=7.3 more`
 # (it resumes; 2600 steps); that draft copied into runtime/drafts/, then `gen3` and
