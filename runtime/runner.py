@@ -105,13 +105,10 @@ class ModelRunner:
                              f"0..{self.cfg.num_layers - 1}")
         self.feature_taps = taps
 
-    def feature_blocks(self, layers: tuple[int, ...]) -> list[int] | None:
+    def feature_blocks(self, layers: tuple[int, ...]) -> list[int]:
         """Which `[H]` blocks of a feature row under the current taps hold the final hidden
-        state and then `layers`' (None: a layer is not tapped)."""
-        taps = self.feature_taps
-        if not set(layers) <= set(taps):
-            return None
-        return [0, *(1 + taps.index(i) for i in layers)]
+        state and then `layers`' (tapped already: `tap_layers`)."""
+        return [0, *(1 + self.feature_taps.index(i) for i in layers)]
 
     def new_sequence(self) -> KVSequence:
         return KVSequence(self.pool)
