@@ -56,8 +56,6 @@ class Recorder:
         return None
 
     def propose(self, history: list[int], max_nodes: int):
-        from lsrt.runtime.spec.auto import _accepted_in
-
         future = self.truth[len(history) - self.base:]
         t0 = time.perf_counter()
         s = self.suffix.propose(history, max_nodes)
@@ -70,7 +68,7 @@ class Recorder:
         merged = self.auto._merged(s, history, max_nodes) if matched else half
 
         def emits(tree) -> int:
-            return 1 + _accepted_in(tree, future) if tree is not None else 1
+            return 1 + tree.accepted_length(future) if tree is not None else 1
 
         self.rows.append({"depth": max(s.depth) if matched else 0,
                           "suffix": emits(s if matched else None), "model": emits(full),

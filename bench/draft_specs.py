@@ -1,6 +1,8 @@
 """Benchmark draft specs: a `--draft` spec optionally followed by `#W1,W2,...` (longspec tree
 widths) or `#nomerge` (`auto` without its merged suffix + model arm), then optionally `@N`
-(a draft-tree budget of N nodes instead of the engine's default)."""
+(a draft-tree budget of N nodes instead of the engine's default), then optionally `!cost` or
+`!full` (cost-aware trees on or off, `RunnerConfig.tree_budget`, instead of the device's
+default)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,16 @@ def split_spec(spec: str):
     widths = extra if merge else ""
     return draft, DraftOptions(widths=tuple(int(w) for w in widths.split(",")) if widths
                                else (), merge=merge)
+
+
+def split_budget(spec: str) -> tuple[str, str | None]:
+    """`"longspec@8!full"` -> ("longspec@8", "full"); no `!`: (spec, None)."""
+    head, bang, budget = spec.rpartition("!")
+    if not bang:
+        return spec, None
+    if budget not in ("cost", "full"):
+        raise ValueError(f"bad tree budget in draft spec {spec!r}: expected !cost or !full")
+    return head, budget
 
 
 def split_nodes(spec: str) -> tuple[str, int | None]:

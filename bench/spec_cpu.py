@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draft_specs import split_nodes, split_spec  # noqa: E402
+from draft_specs import split_budget, split_nodes, split_spec  # noqa: E402
 from traces import ReplayTurn, advance, load_traces, replay_turns, traces_dir  # noqa: E402
 
 HF_KINDS = ("plain", "lookup", "assisted")
@@ -84,6 +84,13 @@ class LsrtRun:
 
         self.llm, self.spec = llm, spec
         self.seq = llm.runner.new_sequence()
+        spec, budget = split_budget(spec)
+        self.engine = llm.engine
+        if budget is not None:  # its own engine, cost-aware or not (and its own cost model)
+            from lsrt.runtime.spec.engine import Engine
+
+            self.engine = Engine(llm.runner, llm.tokenizer, llm.engine.eos_ids,
+                                 cost_aware=budget == "cost")
         spec, self.tree_nodes = split_nodes(spec)
         draft, options = split_spec(spec)
         self.drafter = make_drafter(draft, llm, options)
@@ -105,7 +112,7 @@ class LsrtRun:
         params = SamplingParams(max_tokens=max_new)
         if prof is not None:
             prof.enable()
-        gen = self.llm.engine.generate(self.seq, self.history, params, drafter=self.drafter,
+        gen = self.engine.generate(self.seq, self.history, params, drafter=self.drafter,
                                        tree_nodes=self.tree_nodes)
         if prof is not None:
             prof.disable()
@@ -263,6 +270,7 @@ def warm_up(llm, hf_models: dict, args) -> None:
                llm.tokenizer.encode("The user asked about their flight. Reply politely and "
                                     "list the next steps:")]
     for spec in args.configs:
+        spec, _ = split_budget(spec)
         spec, nodes = split_nodes(spec)
         draft, options = split_spec(spec)
         drafter = make_drafter(draft, llm, options)

@@ -26,6 +26,13 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="default: float32 on cpu, bfloat16 on cuda")
     p.add_argument("--attention", default=None, choices=["sdpa", "hybrid", "triton"])
     p.add_argument("--kv-budget-mb", type=int, default=None)
+    add_tree_budget_arg(p)
+
+
+def add_tree_budget_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tree-budget", default=None, choices=["auto", "cost", "full"],
+                   help="draft-tree nodes: those worth their measured verify cost (cost), the "
+                        "whole budget (full); default auto: cost on cpu, full on cuda")
 
 
 def runner_config(args: argparse.Namespace):
@@ -38,6 +45,8 @@ def runner_config(args: argparse.Namespace):
         kwargs["attention"] = args.attention
     if args.kv_budget_mb:
         kwargs["kv_budget_mb"] = args.kv_budget_mb
+    if args.tree_budget:
+        kwargs["tree_budget"] = args.tree_budget
     return RunnerConfig.for_device(args.device, **kwargs)
 
 

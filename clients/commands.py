@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lsrt.clients.cli import add_tree_budget_arg
 from lsrt.clients.client import Client
 from lsrt.runtime.errors import InvalidRequest, SessionNotFound, Unavailable
 
@@ -54,6 +55,7 @@ def backend_kwargs(args: argparse.Namespace, *, progress: bool = True) -> dict[s
         "redis_url": getattr(args, "redis_url", None),
         "data_dir": Path(args.data_dir).expanduser() if getattr(args, "data_dir", None) else None,
         "kv_budget_mb": getattr(args, "kv_budget_mb", None),
+        "tree_budget": getattr(args, "tree_budget", None),
         "progress": progress,
     }
 
@@ -94,6 +96,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
     p.add_argument("--kv-budget-mb", type=int, default=None)
+    add_tree_budget_arg(p)
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:

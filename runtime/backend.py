@@ -25,7 +25,7 @@ def default_draft(model: str) -> str:
 def build_backend(*, model: str = "smollm2-135m", device: str = "cpu", dtype: str | None = None,
                   draft: str | None = None, redis_url: str | None = None,
                   data_dir: str | Path | None = None, kv_budget_mb: int | None = None,
-                  progress: bool = True) -> tuple[SessionManager, Callable[[], None]]:
+                  tree_budget: str | None = None, progress: bool = True) -> tuple[SessionManager, Callable[[], None]]:
     """(manager, closer): the model loaded on `device`, sessions in Redis at `redis_url` (else
     the embedded server under `data_dir`). Call closer() once to close the store."""
     fields: dict = {}
@@ -33,6 +33,8 @@ def build_backend(*, model: str = "smollm2-135m", device: str = "cpu", dtype: st
         fields["dtype"] = dtype
     if kv_budget_mb is not None:
         fields["kv_budget_mb"] = kv_budget_mb
+    if tree_budget is not None:
+        fields["tree_budget"] = tree_budget
     llm = LLM.load(model, RunnerConfig.for_device(device, **fields), progress=progress)
     store, closer = open_store(redis_url, Path(data_dir) if data_dir is not None else None)
     try:

@@ -57,7 +57,8 @@ class LLM:
             from lsrt.runtime.cuda_graphs import GraphConfig, GraphRunner
 
             self.runner = GraphRunner(self.runner, GraphConfig(sizes=self.config.graph_sizes))
-        self.engine = Engine(self.runner, self.tokenizer, self.eos_ids)
+        self.engine = Engine(self.runner, self.tokenizer, self.eos_ids,
+                             cost_aware=self.config.cost_aware_trees)
         self._draft_models: dict[str, DecoderModel] = {}
         # LongSpec drafts by path, with their buffers and CUDA graphs, shared by every session's
         # drafter (runtime/spec/longspec_workspace.py)

@@ -40,6 +40,10 @@ class RunnerConfig:
     prefill_chunk: int = 512
     cuda_graphs: bool = True  # CUDA only: decode/verify replay captured graphs (cuda_graphs.py)
     graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    # Draft trees: "cost" keeps the nodes that pay for their verification at the measured cost
+    # of a node (runtime/spec/budget.py), "full" the whole node budget; "auto": cost on the
+    # CPU, full on a GPU (where a node costs almost nothing; not yet measured there).
+    tree_budget: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.graph_sizes or min(self.graph_sizes) <= 0:
@@ -53,8 +57,14 @@ class RunnerConfig:
         if self.elementwise not in ("torch", "triton", "auto"):
             raise ValueError("elementwise must be torch, triton or auto, got "
                              f"{self.elementwise!r}")
+        if self.tree_budget not in ("cost", "full", "auto"):
+            raise ValueError(f"tree_budget must be cost, full or auto, got {self.tree_budget!r}")
         if self.linear not in ("torch", "onednn", "auto"):
             raise ValueError(f"linear must be torch, onednn or auto, got {self.linear!r}")
+
+    @property
+    def cost_aware_trees(self) -> bool:
+        return self.tree_budget == "cost" or (self.tree_budget == "auto" and self.device == "cpu")
 
     @property
     def torch_dtype(self) -> torch.dtype:

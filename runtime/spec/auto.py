@@ -33,7 +33,9 @@ noticed; each exploration that confirms the loser doubles that interval (up to
 the choice is fixed: suffix or none.
 
 The model drafts with half the node budget, alone or merged (on a miss its full budget
-emitted ~5-10% more tokens per step for ~60% more proposal time); merging needs deterministic
+emitted ~5-10% more tokens per step for ~60% more proposal time on an H100), except alone under
+a cost-aware engine (`budget.py`), where its tree keeps only the nodes that pay for their
+verification and stops drafting levels that could not; merging needs deterministic
 trees (no draft probabilities), and the suffix tree keeps the rest of the budget, shared
 prefixes counted once.
 """
@@ -76,6 +78,17 @@ class AutoDrafter:
         # "situation/arm" -> [steps, tokens emitted, seconds], every step counted (for reports)
         self.situation_stats: dict[str, list[float]] = {}
 
+    @property
+    def price(self):
+        """The node price of a cost-aware engine, handed to both drafters (`budget.py`)."""
+        return getattr(self.suffix, "price", None)
+
+    @price.setter
+    def price(self, value) -> None:
+        for d in (self.suffix, self.model):
+            if d is not None and hasattr(d, "price"):
+                d.price = value
+
     def bind(self, seq) -> None:
         for d in (self.suffix, self.model):
             if d is not None and hasattr(d, "bind"):
@@ -104,7 +117,8 @@ class AutoDrafter:
             max(seconds, 1e-9))
         if arm == "merged":  # what the suffix tree alone would have emitted on this very step
             self._pairs.setdefault(situation, deque(maxlen=4 * self.window)).append(
-                (len(tokens), 1 + _accepted_in(suffix_tree, tokens[:-1])))
+                (len(tokens), 1 + (suffix_tree.accepted_length(tokens[:-1])
+                                   if suffix_tree is not None else 0)))
         elif arm == "model":
             self._model_emitted.append(len(tokens))
         if self._explored == arm and self._best(situation) != arm:
@@ -172,7 +186,9 @@ class AutoDrafter:
         if arm == "merged":
             tree = self._merged(tree, history, max_nodes)
         elif arm == "model":
-            tree = self.model.propose(history, max(2, max_nodes // 2))
+            # priced, the model's tree keeps what pays for itself: it may use the full budget
+            tree = self.model.propose(history, max_nodes if self.price is not None
+                                      else max(2, max_nodes // 2))
         elif arm == "none":
             tree = None
         self.mode_counts[arm] += 1
@@ -198,15 +214,3 @@ class AutoDrafter:
             raise ValueError("auto without a model drafter keeps no state")
         self.model.import_state(state)
 
-
-def _accepted_in(tree: DraftTree | None, tokens: list[int]) -> int:
-    """How many of `tokens` (an accepted run) follow one path of `tree` from its root."""
-    if tree is None:
-        return 0
-    node = n = 0
-    for tok in tokens:
-        node = next((c for c in tree.children[node] if tree.tokens[c] == tok), -1)
-        if node < 0:
-            break
-        n += 1
-    return n

@@ -19,6 +19,7 @@ from lsrt.runtime.errors import Cancelled
 from lsrt.runtime.kv_cache import KVSequence
 from lsrt.runtime.runner import ModelRunner
 from lsrt.runtime.sampling import SamplingParams
+from lsrt.runtime.spec.budget import VerifyCosts
 from lsrt.runtime.spec.drafter import Drafter
 from lsrt.runtime.spec.tree import DraftTree
 from lsrt.runtime.spec.verifier import verify
@@ -54,12 +55,18 @@ class Generation:
 
 
 class Engine:
+    """`cost_aware`: hand drafters that take one (`price` attribute) the price of a tree node
+    from the verifies timed so far, so that they verify only nodes that pay for themselves
+    (`budget.py`); off, every proposal gets the full node budget."""
+
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: tuple[int, ...],
-                 max_tree_nodes: int = 16) -> None:
+                 max_tree_nodes: int = 16, *, cost_aware: bool = False) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_tree_nodes = max_tree_nodes
+        self.cost_aware = cost_aware
+        self.verify_costs = VerifyCosts()
 
     def step(self, seq: KVSequence, history: list[int], drafter: Drafter | None,
              params: SamplingParams, gen: torch.Generator | None, max_depth: int,
@@ -72,8 +79,10 @@ class Engine:
         # Never verify past the context limit: the tree needs one slot per node.
         room = self.runner.cfg.context_limit - seq.num_tokens
         tree = tree.pruned(max_depth).truncated(room)
+        t0 = time.perf_counter()
         logits = self.runner.verify(seq, tree)  # [n, vocab]: the target at every node
-        acc = verify(tree, logits, params, gen)
+        acc = verify(tree, logits, params, gen)  # reads the result back: timed to completion
+        self.verify_costs.record(seq.num_tokens, len(tree), time.perf_counter() - t0)
         self.runner.commit(seq, acc.path)
         return [*acc.tokens, acc.bonus], len(tree) - 1
 
@@ -94,6 +103,7 @@ class Engine:
         gen = None if params.greedy else params.generator(self.runner.config.device)
         stopper = Stopper(params, self.tokenizer, self.eos_ids, context=history)
         stats = SpecStats()
+        priced = self.cost_aware and drafter is not None and hasattr(drafter, "price")
         t0 = time.perf_counter()
         while stopper.finish_reason is None:
             if cancel is not None and cancel.is_set():
@@ -102,6 +112,9 @@ class Engine:
             if seq.num_tokens >= self.runner.cfg.context_limit:
                 stopper.finish_reason = "length"  # the context is full: stop, don't fail
                 break
+            if priced:
+                drafter.price = self.verify_costs.price(
+                    seq.num_tokens, time.perf_counter() - t0, stats.emitted_tokens)
             emitted, drafted = self.step(seq, history, drafter, params, gen, remaining - 1,
                                          tree_nodes)
             stats.steps += 1

@@ -7,12 +7,16 @@ committed last-layer K/V; on CUDA a whole proposal replays one captured graph
 
 from __future__ import annotations
 
+import math
+import time
+from collections import deque
 from pathlib import Path
 
 import torch
 
 from lsrt.runtime.kv_cache import KVSequence
 from lsrt.runtime.runner import ModelRunner
+from lsrt.runtime.spec.budget import NodePrice
 from lsrt.runtime.spec.drafter import DraftState
 from lsrt.runtime.spec.longspec_ckpt import (find_bundled_draft, is_own_checkpoint, load_draft,
                                              load_longspec_checkpoint)
@@ -39,9 +43,10 @@ def default_widths(max_nodes: int) -> tuple[int, ...]:
 
 
 def _pruned(tokens: torch.Tensor, parents: torch.Tensor, cum: torch.Tensor, keep: int
-            ) -> torch.Tensor:
-    """(tokens; parents) `[2, keep]` of the `keep` nodes with the highest cumulative draft
-    log-probability (the root included), in their drafted order and with parents renumbered.
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens; parents) `[2, keep]` and the cumulative log-probabilities `[keep]` of the
+    `keep` nodes with the highest cumulative draft log-probability (the root included), in
+    their drafted order and with parents renumbered.
 
     The kept set is closed under ancestors: a child's log-probability is its parent's plus a
     log-probability <= 0, and a penalty of 1e-4 per node index (children come after their
@@ -52,7 +57,8 @@ def _pruned(tokens: torch.Tensor, parents: torch.Tensor, cum: torch.Tensor, keep
     renumber = torch.full((total,), -1, dtype=torch.long, device=tokens.device)
     renumber[kept] = order[:keep]
     par = parents[kept]
-    return torch.stack((tokens[kept], torch.where(par >= 0, renumber[par.clamp(min=0)], -1)))
+    return (torch.stack((tokens[kept], torch.where(par >= 0, renumber[par.clamp(min=0)], -1))),
+            cum[kept])
 
 
 def _shared(name: str) -> property:
@@ -65,6 +71,13 @@ class LongSpecDrafter:
     (None: `default_widths` of each proposal's node budget). A drafted tree larger than the
     proposal's node budget keeps its likeliest nodes by cumulative draft log-probability
     (`_pruned`; EAGLE-2's re-ranking), not its first levels.
+
+    With a `price` (set by a cost-aware engine before each proposal, `budget.py`) it keeps only
+    the nodes whose estimated acceptance probability clears the price's floor: the draft's
+    probability of the node's path, times how many of its verified nodes were really accepted
+    per node predicted over its recent proposals (`calibration`). Drafting eagerly (the CPU),
+    it also stops before a level no node of which could clear the floor plus the measured cost
+    of drafting a level. A proposal of no node that clears it is None (a plain step).
 
     Deterministic (draft_probs None), so the sampling verifier stays exact. Its own cache keeps
     `sink` positions plus a ring of the last `window` (slot of p >= sink: sink + (p - sink) %
@@ -95,6 +108,10 @@ class LongSpecDrafter:
         self.floor = 0
         self.seq: KVSequence | None = None
         self.saved_ring: tuple | None = None  # own cache while another drafter owns `ws`
+        self.price: NodePrice | None = None  # set by a cost-aware engine before a proposal
+        self._level_s = 0.0  # measured seconds per drafted level (eager drafting)
+        self._proposed: tuple[DraftTree, list[float]] | None = None  # last tree, path probs
+        self._outcomes: deque[tuple[float, int]] = deque(maxlen=32)  # (predicted, accepted)
         dev = runner.model.device
         self.use_graphs = dev.type == "cuda" if use_graphs is None else use_graphs
 
@@ -196,6 +213,19 @@ class LongSpecDrafter:
     # -- the drafter protocol -----------------------------------------------------------
     def observe(self, tokens: list[int]) -> None:
         self.history.extend(tokens)
+        if self._proposed is not None:
+            tree, probs = self._proposed
+            self._outcomes.append((sum(probs[1:]), tree.accepted_length(tokens[:-1])))
+            self._proposed = None
+
+    @property
+    def calibration(self) -> float:
+        """Accepted nodes per node the draft's path probabilities predicted, over the recent
+        priced proposals (1 until they predicted a few tokens; clamped to [0.25, 4])."""
+        predicted = sum(p for p, _ in self._outcomes)
+        if predicted < 4.0:
+            return 1.0
+        return min(4.0, max(0.25, sum(a for _, a in self._outcomes) / predicted))
 
     def rollback(self, num_tokens: int) -> None:
         with self.ws.lock:
@@ -204,6 +234,7 @@ class LongSpecDrafter:
     def _rollback(self, num_tokens: int) -> None:
         """`rollback` with the workspace lock held (as `_propose` holds it)."""
         del self.history[num_tokens:]
+        self._proposed = None
         # History [0, num_tokens) stays; its last token may be pending (not committed), so
         # its target K/V may be rewritten: copy from num_tokens - 1 on. (A drafter that does not
         # own the workspace leaves it alone: taking it over marks the cross buffer stale.)
@@ -264,7 +295,13 @@ class LongSpecDrafter:
             self.history = list(history)
         root = len(history) - 1
         widths = self._shape(root, max_nodes)
-        if not widths:
+        self._proposed = None
+        floor = level_floor = 0.0
+        if self.price is not None:
+            calib = self.calibration
+            floor = self.price.floor() / calib
+            level_floor = self.price.floor(self._level_s) / calib
+        if not widths or floor >= 1.0:  # no node could pay for its verification
             return None
         committed = self.seq.num_tokens
         if committed == 0:  # nothing for the cross-attention to read yet
@@ -293,18 +330,40 @@ class LongSpecDrafter:
         keep = min(max_nodes, sum(sizes))
         key = (tuple(sizes), keep, self.xk.shape[1])
         self._uses[key] = self._uses.get(key, 0) + 1
+        t0 = time.perf_counter()
+        stop = None
         if self.use_graphs and self._uses[key] > EAGER_BEFORE_CAPTURE:
-            out = self._replay(key)
+            out, cum = self._replay(key)
         else:
-            out = self._levels(sizes, keep)
+            stop = math.log(level_floor) if level_floor > 0 else None
+            out, cum = self._levels(sizes, keep, stop)
         tokens, parents = out.tolist()  # the one read-back
-        return DraftTree(tokens=tokens, parents=parents, source=self.name)
+        tree = DraftTree(tokens=tokens, parents=parents, source=self.name)
+        if self.price is None:
+            return tree
+        if stop is not None:  # eager and priced (the CPU): what drafting a level costs
+            level_s = (time.perf_counter() - t0) / max(1, max(tree.depth))
+            self._level_s = 0.8 * self._level_s + 0.2 * level_s if self._level_s else level_s
+        probs = cum.exp().tolist()
+        kept = [i for i, p in enumerate(probs) if i == 0 or p >= floor]
+        if len(kept) < len(tree):  # closed under ancestors: a path's probability only falls
+            tree = tree.subtree(kept)
+            probs = [probs[i] for i in kept]
+        if len(tree) < 2:
+            return None
+        self._proposed = (tree, probs)
+        return tree
 
-    def _levels(self, sizes: list[int], keep: int) -> torch.Tensor:
+    def _levels(self, sizes: list[int], keep: int, stop: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The staged encode, then the beam tree, from device state alone (own ring, slot
         positions, cross buffer, the staged scalars and tokens): fixed shapes, no host
         synchronisation, so it can be captured in a CUDA graph. Returns (tokens; parents)
-        `[2, keep]`: the `keep` likeliest drafted nodes (`_pruned`)."""
+        `[2, keep]` and their cumulative log-probabilities `[keep]`: the `keep` likeliest
+        drafted nodes (`_pruned`).
+
+        `stop` (eager only: it reads a score back per level): no deeper level is drafted once
+        the best cumulative log-probability of a level is below it."""
         dev = self.target.device
         root, lo, committed = self._scalars[0], self._scalars[1], self._scalars[2]
         root_x, root_projected = self._encode_staged(root.view(1))
@@ -325,6 +384,7 @@ class LongSpecDrafter:
         tokens[:1] = self._root_token
         ids = self.head_ids_t
         t = 0  # first node of the current level; nodes [0, t) are in past_k after the s slots
+        end = 1  # nodes drafted so far
         for depth in range(len(sizes) - 1):
             m = sizes[depth]
             mask = torch.cat([own[None, :].expand(m, s), anc[t:t + m, :t + m]], 1)
@@ -349,9 +409,13 @@ class LongSpecDrafter:
             cum[new] = scores
             anc[new] |= anc[par]
             t += m
-        if keep < total:
+            end = t + sizes[depth + 1]
+            if stop is not None and depth + 2 < len(sizes) and scores[0].item() < stop:
+                break  # no node of a deeper level could pay for itself
+        tokens, parents, cum = tokens[:end], parents[:end], cum[:end]
+        if keep < end:
             return _pruned(tokens, parents, cum, keep)
-        return torch.stack((tokens, parents))
+        return torch.stack((tokens, parents)), cum
 
     def _triton_cross(self, committed: torch.Tensor):
         """Cross-attention over the committed positions [0, committed) through the graph-safe

@@ -123,12 +123,27 @@ class DraftTree:
     def pruned(self, max_depth: int) -> "DraftTree":
         """Only the nodes at depth <= `max_depth` (the root is depth 0)."""
         keep = [i for i, d in enumerate(self.depth) if d <= max_depth]
-        if len(keep) == len(self.tokens):
-            return self
+        return self if len(keep) == len(self.tokens) else self.subtree(keep)
+
+    def subtree(self, keep: list[int]) -> "DraftTree":
+        """The nodes `keep` (ascending, the root first, closed under ancestors), renumbered."""
         new_index = {old: new for new, old in enumerate(keep)}
+        if keep[0] != 0 or any(self.parents[i] not in new_index for i in keep[1:]):
+            raise ValueError("a subtree keeps the root and every kept node's parent")
         return DraftTree(tokens=[self.tokens[i] for i in keep],
                          parents=[new_index.get(self.parents[i], -1) for i in keep],
                          draft_probs=[self.draft_probs[i] for i in keep], source=self.source)
+
+    def accepted_length(self, tokens: list[int]) -> int:
+        """How many of `tokens` (an emitted run, after the root) follow one path of the tree
+        from its root."""
+        node = n = 0
+        for tok in tokens:
+            node = next((c for c in self.children[node] if self.tokens[c] == tok), -1)
+            if node < 0:
+                break
+            n += 1
+        return n
 
     def truncated(self, max_nodes: int) -> "DraftTree":
         """The first `max_nodes` nodes (still a valid tree: parents precede children)."""

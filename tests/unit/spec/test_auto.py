@@ -187,3 +187,23 @@ def test_short_matches_try_suffix_alone_even_after_many_long_ones():
     drive(auto, clock, 300, cost, lambda m: [4, 5, 6])  # the model's part: never accepted
     late_short = [m for is_long, m in seen[100:] if not is_long]
     assert late_short.count("suffix") > 0.8 * len(late_short), auto.rate
+
+
+def test_a_price_reaches_both_drafters_and_frees_the_models_budget():
+    from lsrt.runtime.spec.budget import NodePrice
+
+    suffix, model = Fixed("suffix", None), Fixed("model", DraftTree.chain(3, [4, 5]))
+    suffix.price = model.price = None
+    auto = AutoDrafter(suffix, model, warmup=0)
+    auto.propose([1, 2, 3], 16)  # a miss, the model arm first (unrated)
+    assert model.max_nodes == 8  # unpriced: half the budget
+    price = NodePrice(node_s=0.01, token_s=0.05)
+    auto.price = price
+    assert suffix.price is price and model.price is price and auto.price is price
+    calls = model.calls
+    while model.calls == calls:  # the next model step (the plain arm is tried in between)
+        auto.observe([4, 9])
+        auto.propose([1, 2, 3], 16)
+    assert model.max_nodes == 16  # priced: the model's tree keeps what pays, from all 16
+    auto.price = None
+    assert suffix.price is None and model.price is None

@@ -28,7 +28,8 @@ def tiny(request, tmp_path_factory, smollm2_dir):
     path = tmp_path_factory.mktemp(f"longspec-{request.param}")
     make_tiny_model(request.param, path)
     copy_tokenizer(smollm2_dir, path)
-    return LLM(path, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8))
+    return LLM(path, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8,
+                                   tree_budget="full"))
 
 
 def drafter_for(llm: LLM, widths, *, sink=4, window=16, seed=None, cross_start=None,
@@ -123,9 +124,12 @@ def test_pruning_keeps_the_likeliest_nodes_and_their_ancestors():
     tokens = torch.tensor([10, 11, 12, 13, 14, 15])
     parents = torch.tensor([-1, 0, 0, 1, 1, 3])
     cum = torch.tensor([0.0, -0.1, -2.0, -0.1, -0.5, -0.3])
-    assert _pruned(tokens, parents, cum, 4).tolist() == [[10, 11, 13, 15], [-1, 0, 1, 2]]
-    assert _pruned(tokens, parents, cum, 2).tolist() == [[10, 11], [-1, 0]]  # the tie: parent
-    assert _pruned(tokens, parents, cum, 5).tolist() == [[10, 11, 13, 14, 15], [-1, 0, 1, 1, 2]]
+    kept, kept_cum = _pruned(tokens, parents, cum, 4)
+    assert kept.tolist() == [[10, 11, 13, 15], [-1, 0, 1, 2]]
+    assert kept_cum.tolist() == pytest.approx([0.0, -0.1, -0.1, -0.3])
+    assert _pruned(tokens, parents, cum, 2)[0].tolist() == [[10, 11], [-1, 0]]  # the tie: parent
+    assert _pruned(tokens, parents, cum, 5)[0].tolist() == [[10, 11, 13, 14, 15],
+                                                           [-1, 0, 1, 1, 2]]
 
 
 def test_default_shape_follows_the_budget(tiny):
@@ -361,7 +365,8 @@ def test_cross_buffer_grows_and_follows_rollback(smollm2_dir, tmp_path):
     fresh drafter's at every point, and decoding stays lossless across the growth."""
     make_tiny_model("llama", tmp_path, max_position=4096)
     copy_tokenizer(smollm2_dir, tmp_path)
-    llm = LLM(tmp_path, RunnerConfig(kv_budget_mb=64, prefill_chunk=256, block_size=16))
+    llm = LLM(tmp_path, RunnerConfig(kv_budget_mb=64, prefill_chunk=256, block_size=16,
+                                       tree_budget="full"))
     ids = repetitive_prompt(llm.runner.cfg.vocab_size, 1200, seed=11)
     seq = llm.runner.new_sequence()
     try:
@@ -404,7 +409,7 @@ def test_staged_encode_equals_eager_catch_up(smollm2_dir, tmp_path):
     K/V equal those of a fresh drafter that encoded everything eagerly."""
     make_tiny_model("llama", tmp_path, max_position=4096)
     copy_tokenizer(smollm2_dir, tmp_path)
-    llm = LLM(tmp_path, RunnerConfig(kv_budget_mb=64, block_size=16))
+    llm = LLM(tmp_path, RunnerConfig(kv_budget_mb=64, block_size=16, tree_budget="full"))
     ids = repetitive_prompt(llm.runner.cfg.vocab_size, 300, seed=5)
     seq = llm.runner.new_sequence()
     try:
@@ -543,7 +548,8 @@ def test_feature_layers_are_tapped_and_stay_lossless(tiny):
     forward's feature from then on; it reads its blocks, a final-hidden-state draft on the same
     runner reads the first block only, and a feature computed before the taps reads as zeros.
     Greedy output equals plain decoding throughout. (Its own LLM: taps only grow.)"""
-    llm = LLM(tiny.model_dir, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8))
+    llm = LLM(tiny.model_dir, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8,
+                                           tree_budget="full"))
     runner, h = llm.runner, llm.runner.cfg.hidden_size
     ids = repetitive_prompt(runner.cfg.vocab_size, 120, seed=3)
     params = SamplingParams(max_tokens=24)
@@ -617,3 +623,83 @@ def test_propose_follows_a_history_it_was_not_told_about(tiny):
         assert trees[0].tokens == trees[1].tokens and trees[0].parents == trees[1].parents
     finally:
         seq.release()
+
+
+def test_a_price_keeps_the_nodes_that_clear_its_floor(tiny):
+    """Priced, a proposal is the unpriced tree cut to the nodes whose path probability clears
+    `price.floor() / calibration`; nothing clears 1; the outcome of a priced tree is noted."""
+    from lsrt.runtime.spec.budget import NodePrice
+
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 40, seed=4)
+    seq = tiny.runner.new_sequence()
+    try:
+        tiny.runner.prefill(seq, ids[:-1])
+        d = drafter_for(tiny, (4, 3, 2, 2), seed=2)
+        d.observe(ids)
+        d.bind(seq)
+        full = d.propose(ids, 16)
+        d.price = NodePrice(node_s=0.0, token_s=1.0)  # a free node: the same tree
+        free = d.propose(ids, 16)
+        assert (free.tokens, free.parents) == (full.tokens, full.parents)
+        probs = d._proposed[1]
+        assert probs[0] == pytest.approx(1.0)
+        assert all(probs[i] <= probs[full.parents[i]] + 1e-6 for i in range(1, len(full)))
+        floor = sorted(probs)[len(probs) // 2]
+        d.price = NodePrice(node_s=floor, token_s=1.0)
+        cut = d.propose(ids, 16)
+        kept = [i for i, p in enumerate(probs) if p >= floor]
+        want = full.subtree(kept)
+        assert 1 < len(cut) < len(full)
+        assert (cut.tokens, cut.parents) == (want.tokens, want.parents)
+        d.observe([want.tokens[1], -1])  # the first drafted token accepted, then the bonus
+        predicted, accepted = d._outcomes[-1]
+        assert accepted == 1 and predicted == pytest.approx(sum(p for p in probs if p >= floor)
+                                                            - 1.0, rel=1e-5)
+        del d.history[-2:]
+        d.price = NodePrice(node_s=1.0, token_s=1.0)  # floor 1: no node can pay
+        assert d.propose(ids, 16) is None
+        d.price = NodePrice.plain()
+        assert d.propose(ids, 16) is None
+    finally:
+        seq.release()
+
+
+def test_calibration_scales_the_floor_by_what_was_accepted(tiny):
+    d = drafter_for(tiny, (2,), seed=2)
+    assert d.calibration == 1.0
+    d._outcomes.extend([(1.0, 0)] * 8)  # predicted 8 tokens, none accepted
+    assert d.calibration == 0.25
+    d._outcomes.clear()
+    d._outcomes.extend([(0.5, 1)] * 8)
+    assert d.calibration == 2.0
+
+
+@pytest.mark.parametrize("spec", ["longspec", "auto"])
+def test_cost_aware_engine_stays_lossless_and_drafts_less(tiny, spec):
+    """A cost-aware engine whose measured node cost is high: the same greedy output as plain
+    decoding, from fewer drafted nodes than the full budget."""
+    from lsrt.runtime.spec.auto import AutoDrafter
+    from lsrt.runtime.spec.engine import Engine
+    from lsrt.runtime.spec.suffix import SuffixDrafter
+
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 120, seed=3)
+    params = SamplingParams(max_tokens=32)
+    plain = run(tiny, ids, None, params)
+    drafted = {}
+    for cost_aware in (False, True):
+        engine = Engine(tiny.runner, tiny.tokenizer, tiny.eos_ids, cost_aware=cost_aware)
+        engine.verify_costs.record(len(ids), 1, 0.001)  # 6.6 ms a node, as on a slow CPU
+        engine.verify_costs.record(len(ids), 16, 0.100)
+        model = drafter_for(tiny, (4, 3, 2, 2), seed=1)
+        drafter = model if spec == "longspec" else AutoDrafter(SuffixDrafter(), model)
+        seq = tiny.runner.new_sequence()
+        try:
+            tiny.runner.prefill(seq, ids[:-1])
+            drafter.observe(list(ids))
+            out = engine.generate(seq, list(ids), params, drafter=drafter)
+        finally:
+            seq.release()
+        assert out.token_ids == plain.token_ids
+        drafted[cost_aware] = out.stats.drafted_tokens
+        assert (model.price is not None) == cost_aware
+    assert drafted[True] < drafted[False]

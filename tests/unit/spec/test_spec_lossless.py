@@ -48,7 +48,8 @@ def tiny(request, tmp_path_factory, smollm2_dir):
     path = tmp_path_factory.mktemp(f"spec-{request.param}")
     make_tiny_model(request.param, path)
     copy_tokenizer(smollm2_dir, path)
-    return LLM(path, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8))
+    return LLM(path, RunnerConfig(kv_budget_mb=16, prefill_chunk=64, block_size=8,
+                                   tree_budget="full"))
 
 
 @pytest.mark.parametrize("draft", DRAFTS)
@@ -122,7 +123,8 @@ def short_ctx(tmp_path_factory, smollm2_dir):
     path = tmp_path_factory.mktemp("short-ctx")
     make_tiny_model("qwen2", path, max_position=256)
     copy_tokenizer(smollm2_dir, path)
-    return LLM(path, RunnerConfig(kv_budget_mb=4, prefill_chunk=64, block_size=8))
+    return LLM(path, RunnerConfig(kv_budget_mb=4, prefill_chunk=64, block_size=8,
+                                   tree_budget="full"))
 
 
 @pytest.mark.parametrize("draft", ["none", "suffix", "self", "model:self-test"])

@@ -46,7 +46,7 @@ def tiny(tmp_path_factory, smollm2_dir):
     path = tmp_path_factory.mktemp("sampling")
     make_tiny_model("llama", path, seed=3)
     copy_tokenizer(smollm2_dir, path)
-    llm = LLM(path, RunnerConfig(kv_budget_mb=8, block_size=8))
+    llm = LLM(path, RunnerConfig(kv_budget_mb=8, block_size=8, tree_budget="full"))
     llm.engine.eos_ids = ()  # sample freely over the whole tiny vocabulary
     return llm
 

@@ -102,3 +102,23 @@ def test_truncated_keeps_prefix_and_probs() -> None:
 def test_invalid_trees_raise(tokens: list[int], parents: list[int]) -> None:
     with pytest.raises(ValueError):
         DraftTree(tokens=tokens, parents=parents)
+
+
+def test_subtree_renumbers_and_refuses_orphans() -> None:
+    t = _tree()
+    sub = t.subtree([0, 1, 3, 6])
+    assert sub.tokens == [9, 5, 1, 4] and sub.parents == [-1, 0, 1, 2]
+    assert t.subtree(list(range(len(t)))).tokens == t.tokens
+    with pytest.raises(ValueError, match="parent"):
+        t.subtree([0, 3])  # node 3 without its parent 1
+    with pytest.raises(ValueError, match="root"):
+        t.subtree([1, 3])
+
+
+def test_accepted_length_follows_one_path() -> None:
+    t = _tree()
+    assert t.accepted_length([5, 1, 4, 8]) == 3  # 1 -> 3 -> 6, then off the tree
+    assert t.accepted_length([7, 3]) == 2
+    assert t.accepted_length([5, 3]) == 1  # 3 hangs under 2, not under 1
+    assert t.accepted_length([8]) == 0
+    assert t.accepted_length([]) == 0
