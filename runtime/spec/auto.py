@@ -80,8 +80,9 @@ class AutoDrafter:
 
     @property
     def price(self):
-        """The node price of a cost-aware engine, handed to both drafters (`budget.py`)."""
-        return getattr(self.suffix, "price", None)
+        """The node price of a cost-aware engine, handed to the drafters that take one (the
+        model drafter; `budget.py`)."""
+        return getattr(self.model, "price", None)
 
     @price.setter
     def price(self, value) -> None:

@@ -18,7 +18,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lsrt.runtime.spec.budget import NodePrice
 from lsrt.runtime.spec.drafter import DraftState
 from lsrt.runtime.spec.tree import DraftTree
 
@@ -251,59 +250,8 @@ class SuffixStats:
         return self.match_tokens / self.matches if self.matches else 0.0
 
 
-class SuffixOdds:
-    """How often a suffix-tree node is accepted, by (match-length bucket, first path or not,
-    depth): counts of verified and accepted nodes, halved when a key reaches `horizon` trials so
-    that they follow the session. An unseen key reads as `prior` (tried at least once); a node
-    never reads likelier than its parent."""
-
-    def __init__(self, *, horizon: float = 64.0, prior: float = 0.5) -> None:
-        self.horizon, self.prior = horizon, prior
-        self._counts: dict[tuple[int, int, int], list[float]] = {}
-
-    @staticmethod
-    def keys(tree: DraftTree, match_len: int) -> list[tuple[int, int, int]]:
-        """Per node (root: None): its bucket (2-3, 4-7, 8-15, 16+ tokens), 0 on the first path
-        (the first leaf's ancestors) else 1, and depth."""
-        bucket = min(5, match_len.bit_length())
-        first, node = set(), next((i for i in range(len(tree)) if not tree.children[i]), 0)
-        while node > 0:
-            first.add(node)
-            node = tree.parents[node]
-        return [None] + [(bucket, 0 if i in first else 1, min(tree.depth[i], 16))
-                         for i in range(1, len(tree))]
-
-    def probs(self, tree: DraftTree, keys: list) -> list[float]:
-        out = [1.0]
-        for i in range(1, len(tree)):
-            trials, hits = self._counts.get(keys[i], (0.0, 0.0))
-            p = (hits + self.prior) / (trials + 1.0)
-            out.append(min(p, out[tree.parents[i]]))
-        return out
-
-    def record(self, tree: DraftTree, keys: list, accepted: list[int]) -> None:
-        """`accepted`: the tokens that followed the root (the bonus token excluded)."""
-        on_path, node = set(), 0
-        for tok in accepted:
-            node = next((c for c in tree.children[node] if tree.tokens[c] == tok), -1)
-            if node < 0:
-                break
-            on_path.add(node)
-        for i in range(1, len(tree)):
-            c = self._counts.setdefault(keys[i], [0.0, 0.0])
-            c[0] += 1.0
-            c[1] += 1.0 if i in on_path else 0.0
-            if c[0] >= self.horizon:
-                c[0] /= 2.0
-                c[1] /= 2.0
-
-
 class SuffixDrafter:
     """Drafter proposing what followed earlier occurrences of the history's longest suffix.
-
-    With a `price` (a cost-aware engine, `budget.py`) it keeps the nodes whose measured
-    acceptance rate (`SuffixOdds`, learned from its own verified trees) clears the price's
-    floor; the unpriced steps the engine explores with keep teaching it the deeper nodes.
 
     `export_state()` returns None: the index is rebuilt from the session's tokens (well under a
     second per 100K tokens), which are the source of truth anyway.
@@ -318,19 +266,12 @@ class SuffixDrafter:
         self.index = SuffixIndex(max_match=self.config.max_match,
                                  scan_limit=self.config.scan_limit)
         self.stats = SuffixStats()
-        self.price: NodePrice | None = None  # set by a cost-aware engine before a proposal
-        self.odds = SuffixOdds()
-        self._proposed: tuple[DraftTree, list] | None = None  # the last tree and its odds keys
 
     def observe(self, tokens: list[int]) -> None:
         self.index.extend(tokens)
-        if self._proposed is not None:
-            self.odds.record(*self._proposed, tokens[:-1])
-            self._proposed = None
 
     def rollback(self, num_tokens: int) -> None:
         self.index.truncate(num_tokens)
-        self._proposed = None
 
     def export_state(self) -> DraftState | None:
         return None
@@ -381,21 +322,5 @@ class SuffixDrafter:
         tree = DraftTree.from_paths(history[-1], paths, source=self.name).truncated(budget)
         self.stats.matches += 1
         self.stats.match_tokens += sources[0][0]
-        keys = self.odds.keys(tree, sources[0][0])
-        tree, keys = self.priced(tree, keys)
-        if len(tree) < 2:
-            return None
         self.stats.drafted_tokens += len(tree) - 1
-        self._proposed = (tree, keys)
         return tree
-
-    def priced(self, tree: DraftTree, keys: list) -> tuple[DraftTree, list]:
-        """The nodes of `tree` worth their verification at `price` (all without a price)."""
-        if self.price is None:
-            return tree, keys
-        floor = self.price.floor()
-        probs = self.odds.probs(tree, keys)
-        kept = [i for i, p in enumerate(probs) if i == 0 or p >= floor]
-        if len(kept) == len(tree):
-            return tree, keys
-        return tree.subtree(kept), [keys[i] for i in kept]

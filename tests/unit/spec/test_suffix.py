@@ -163,44 +163,6 @@ def test_different_continuations_become_siblings() -> None:
     assert sorted(tree.tokens[c] for c in tree.children[node30]) == [31, 32]
 
 
-def test_odds_learn_how_deep_a_path_is_accepted() -> None:
-    from lsrt.runtime.spec.suffix import SuffixOdds
-
-    tree = DraftTree.from_paths(9, [[1, 2, 3, 4], [1, 5]])  # 9 -> 1 -> (2 -> 3 -> 4 | 5)
-    odds = SuffixOdds(horizon=1000)
-    keys = odds.keys(tree, match_len=5)
-    assert keys[0] is None
-    assert [k[1:] for k in keys[1:]] == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 2)]
-    assert odds.probs(tree, keys) == [1.0] + [0.5] * 5  # the prior
-    for _ in range(30):  # the first two tokens of the first path accepted, never more
-        odds.record(tree, keys, [1, 2, 7])
-    p = odds.probs(tree, keys)
-    assert p[1] > 0.95 and p[2] > 0.95 and p[3] < 0.05 and p[4] <= p[3] and p[5] < 0.05
-    odds.record(tree, keys, [1, 5])
-    assert odds.probs(tree, keys)[5] > p[5]
-
-
-def test_a_price_cuts_the_suffix_tree_to_the_nodes_that_pay() -> None:
-    from lsrt.runtime.spec.budget import NodePrice
-
-    block = list(range(100, 140))
-    history = [1, 2, 3] + block + list(range(500, 520)) + block[:10]
-    drafter = SuffixDrafter(SuffixConfig(max_depth=16))
-    drafter.observe(history)
-    full = drafter.propose(history, max_nodes=32)
-    assert len(full) == 13
-    for _ in range(20):  # what followed: the first 3 drafted tokens, then something else
-        drafter.observe([*full.tokens[1:4], 7, 8])
-        drafter.rollback(len(history))
-        assert drafter.propose(history, max_nodes=32).tokens == full.tokens
-    drafter.price = NodePrice(node_s=0.3, token_s=1.0)  # a node must be accepted 30% of the time
-    cut = drafter.propose(history, max_nodes=32)
-    assert cut.tokens == full.tokens[:4]
-    drafter.rollback(len(history))
-    drafter.price = NodePrice.plain()
-    assert drafter.propose(history, max_nodes=32) is None
-
-
 def test_no_match_gives_none_and_config_is_checked() -> None:
     drafter = SuffixDrafter()
     assert drafter.propose(list(range(50)), max_nodes=32) is None
