@@ -104,6 +104,8 @@ class Engine:
         stopper = Stopper(params, self.tokenizer, self.eos_ids, context=history)
         stats = SpecStats()
         priced = self.cost_aware and drafter is not None and hasattr(drafter, "price")
+        if not priced and hasattr(drafter, "price"):
+            drafter.price = None  # not one left by another (cost-aware) engine
         t0 = time.perf_counter()
         while stopper.finish_reason is None:
             if cancel is not None and cancel.is_set():

@@ -98,6 +98,7 @@ def test_engine_prices_drafters_only_when_cost_aware(tiny, cost_aware):
     try:
         tiny.runner.prefill(seq, ids[:-1])
         drafter = Recorder()
+        drafter.price = NodePrice.plain()  # left by another, cost-aware engine
         drafter.observe(ids)
         engine.generate(seq, list(ids), SamplingParams(max_tokens=20), drafter=drafter)
     finally:
