@@ -4,6 +4,7 @@ published layer (no download)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -45,6 +46,20 @@ def drafter_for(llm: LLM, widths, *, sink=4, window=16, seed=None, cross_start=N
     return LongSpecDrafter(llm.runner, draft, widths=widths, cross_start=cross_start)
 
 
+@contextlib.contextmanager
+def bound_drafter(llm: LLM, ids: list[int], widths, seed: int):
+    """(drafter, seq): `ids[:-1]` prefilled, a seeded drafter bound to it; the seq released."""
+    seq = llm.runner.new_sequence()
+    try:
+        llm.runner.prefill(seq, ids[:-1])
+        d = drafter_for(llm, widths, seed=seed)
+        d.observe(ids)
+        d.bind(seq)
+        yield d, seq
+    finally:
+        seq.release()
+
+
 def run(llm: LLM, ids: list[int], drafter, params: SamplingParams):
     seq = llm.runner.new_sequence()
     try:
@@ -76,12 +91,7 @@ def test_tree_shape_and_pruning(tiny):
     """A drafted tree larger than the node budget keeps its likeliest nodes: at every depth a
     prefix of that depth's nodes (drafted best first), every kept path a drafted path."""
     ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 40, seed=4)
-    seq = tiny.runner.new_sequence()
-    try:
-        tiny.runner.prefill(seq, ids[:-1])
-        d = drafter_for(tiny, (4, 16, 16, 16), seed=2)
-        d.observe(ids)
-        d.bind(seq)
+    with bound_drafter(tiny, ids, (4, 16, 16, 16), seed=2) as (d, seq):
         full = d.propose(ids, 128)  # 53 drafted nodes, all within budget
         assert len(full) == 53 and full.tokens[0] == ids[-1]
         assert [full.depth.count(k) for k in range(1, 5)] == [4, 16, 16, 16]
@@ -115,8 +125,6 @@ def test_tree_shape_and_pruning(tiny):
                 assert got == at[:len(got)], (budget, depth)
             assert kept[1] == full_paths[1]  # the likeliest first token survives any budget
         assert d.propose(ids, 1) is None
-    finally:
-        seq.release()
 
 
 def test_pruning_keeps_the_likeliest_nodes_and_their_ancestors():
@@ -631,12 +639,7 @@ def test_a_price_keeps_the_nodes_that_clear_its_floor(tiny):
     from lsrt.runtime.spec.budget import NodePrice
 
     ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 40, seed=4)
-    seq = tiny.runner.new_sequence()
-    try:
-        tiny.runner.prefill(seq, ids[:-1])
-        d = drafter_for(tiny, (4, 3, 2, 2), seed=2)
-        d.observe(ids)
-        d.bind(seq)
+    with bound_drafter(tiny, ids, (4, 3, 2, 2), seed=2) as (d, _):
         full = d.propose(ids, 16)
         d.price = NodePrice(node_s=0.0, token_s=1.0)  # a free node: the same tree
         free = d.propose(ids, 16)
@@ -660,8 +663,6 @@ def test_a_price_keeps_the_nodes_that_clear_its_floor(tiny):
         assert d.propose(ids, 16) is None
         d.price = NodePrice.plain()
         assert d.propose(ids, 16) is None
-    finally:
-        seq.release()
 
 
 def test_calibration_scales_the_floor_by_what_was_accepted(tiny):
