@@ -38,9 +38,13 @@ def test_found_by_weights_and_used_by_default(smollm2):
 def test_lossless_and_better_than_untrained(smollm2):
     prompt = held_in_prompt(smollm2)
     params = SamplingParams(max_tokens=40)
-    saved = smollm2.engine.eos_ids
+    saved = smollm2.engine.eos_ids, smollm2.engine.cost_aware
     smollm2.engine.eos_ids = ()  # compare a fixed number of tokens
     try:
+        smollm2.engine.cost_aware = True  # the CPU default: trees cut to what pays
+        priced = [smollm2.generate(prompt, params, draft=d).generation.token_ids
+                  for d in ("longspec", "auto")]
+        smollm2.engine.cost_aware = False  # the draft's quality: whole 16-node trees
         plain = smollm2.generate(prompt, params).generation
         trained = smollm2.generate(prompt, params, draft="longspec").generation
         auto = smollm2.generate(prompt, params, draft="auto").generation
@@ -53,8 +57,9 @@ def test_lossless_and_better_than_untrained(smollm2):
         finally:
             seq.release()
     finally:
-        smollm2.engine.eos_ids = saved
+        smollm2.engine.eos_ids, smollm2.engine.cost_aware = saved
     assert trained.token_ids == plain.token_ids == auto.token_ids == base.token_ids
+    assert priced == [plain.token_ids] * 2
     got, was = trained.stats.mean_accepted_per_step, base.stats.mean_accepted_per_step
     print(f"accepted/step: trained {got:.2f}, untrained {was:.2f}")
     assert got >= 2.0 and got > was + 0.5
