@@ -25,7 +25,8 @@ def default_draft(model: str) -> str:
 def build_backend(*, model: str = "smollm2-135m", device: str = "cpu", dtype: str | None = None,
                   draft: str | None = None, redis_url: str | None = None,
                   data_dir: str | Path | None = None, kv_budget_mb: int | None = None,
-                  tree_budget: str | None = None, progress: bool = True) -> tuple[SessionManager, Callable[[], None]]:
+                  tree_budget: str | None = None, progress: bool = True
+                  ) -> tuple[SessionManager, Callable[[], None]]:
     """(manager, closer): the model loaded on `device`, sessions in Redis at `redis_url` (else
     the embedded server under `data_dir`). Call closer() once to close the store."""
     fields: dict = {}

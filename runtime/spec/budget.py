@@ -69,19 +69,16 @@ class VerifyCosts:
             sizes = self._times.setdefault(_bucket(context), {})
             sizes.setdefault(nodes, deque(maxlen=self.window)).append(seconds)
 
+    def _points(self, bucket: int) -> list[tuple[int, float, int]]:
+        """(size, median seconds, timings) of every size timed in `bucket`; the lock held."""
+        return [(n, statistics.median(t), len(t))
+                for n, t in self._times.get(bucket, {}).items()]
+
     def fit(self, context: int) -> tuple[float, float] | None:
         """(a, b) of the bucket of `context`, or None until two tree sizes were timed."""
         with self._lock:
-            sizes = self._times.get(_bucket(context), {})
-            points = [(n, statistics.median(t), len(t)) for n, t in sizes.items()]
-        if len(points) < 2:
-            return None
-        w = sum(c for _, _, c in points)
-        n_mean = sum(n * c for n, _, c in points) / w
-        t_mean = sum(t * c for _, t, c in points) / w
-        var = sum(c * (n - n_mean) ** 2 for n, _, c in points)
-        b = max(0.0, sum(c * (n - n_mean) * (t - t_mean) for n, t, c in points) / var)
-        return max(0.0, t_mean - b * n_mean), b
+            points = self._points(_bucket(context))
+        return _line(points) if len(points) >= 2 else None
 
     def price(self, context: int, spent_s: float, emitted: int) -> NodePrice | None:
         """The price for the next proposal at `context` tokens, after `emitted` tokens in
@@ -90,13 +87,24 @@ class VerifyCosts:
         bucket = _bucket(context)
         with self._lock:
             step = self._steps[bucket] = self._steps.get(bucket, 0) + 1
-            sizes = set(self._times.get(bucket, {}))
-        if not sizes:
+            points = self._points(bucket)
+        if not points:
             return None
-        if len(sizes) == 1:  # one size known: time the other end
-            return NodePrice.plain() if min(sizes) > 1 else None
+        if len(points) == 1:  # one size known: time the other end
+            return NodePrice.plain() if points[0][0] > 1 else None
         if step % self.explore_every == 0:
             return None
-        a, b = self.fit(context)
+        a, b = _line(points)
         token_s = spent_s / emitted if emitted else a + b  # before any step: plain decoding's
         return NodePrice(node_s=b, token_s=max(token_s, 1e-9))
+
+
+def _line(points: list[tuple[int, float, int]]) -> tuple[float, float]:
+    """(a, b) of the least-squares line a + b·n through (n, seconds) weighted by counts (two
+    sizes or more); neither below 0."""
+    w = sum(c for _, _, c in points)
+    n_mean = sum(n * c for n, _, c in points) / w
+    t_mean = sum(t * c for _, t, c in points) / w
+    var = sum(c * (n - n_mean) ** 2 for n, _, c in points)
+    b = max(0.0, sum(c * (n - n_mean) * (t - t_mean) for n, t, c in points) / var)
+    return max(0.0, t_mean - b * n_mean), b
