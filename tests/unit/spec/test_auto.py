@@ -208,3 +208,66 @@ def test_a_price_reaches_both_drafters_and_frees_the_models_budget():
     assert model.max_nodes == 16  # priced: the model's tree keeps what pays, from all 16
     auto.price = None
     assert suffix.price is None and model.price is None
+
+
+def slow_model_world(auto: AutoDrafter, clock: Clock, steps: int) -> list[str]:
+    """Nothing matches; the model drafter emits 2 tokens a step at 10x a plain step's cost."""
+    return drive(auto, clock, steps, {"model": 10.0, "none": 1.0}, {"model": 2, "none": 1})
+
+
+def test_a_new_drafter_starts_from_what_its_group_measured():
+    """A second drafter of the same group in one pool picks the winning arm from its first
+    step; one of another group (or of none) still spends its first steps measuring."""
+    from lsrt.runtime.spec.auto import ArmStatsPool
+
+    clock, pool = Clock(), ArmStatsPool()
+
+    def new(group):
+        auto = AutoDrafter(Fixed("suffix", None), Fixed("m", DraftTree.chain(3, [4])),
+                           explore_every=16, warmup=1, clock=clock, group=group)
+        auto.share(pool)
+        return auto
+
+    first = new("g")
+    assert slow_model_world(first, clock, 100)[50:].count("none") > 45  # learned: none wins
+    warm = slow_model_world(new("g"), clock, 12)
+    assert warm == ["none"] * 12
+    for cold in (new("other"), new(None)):
+        assert slow_model_world(cold, clock, 12).count("model") >= 2  # measures it first
+
+
+def test_shared_ratings_give_way_to_the_drafters_own():
+    """Seeded with a group where the model drafter lost, a drafter whose model is fast (its
+    context differs) switches to it once its own measurements fill the window; what it measures
+    flows back into the pool."""
+    from lsrt.runtime.spec.auto import ArmStatsPool
+
+    clock, pool = Clock(), ArmStatsPool()
+    suffix = Fixed("suffix", None)
+    slow = AutoDrafter(suffix, Fixed("m", DraftTree.chain(3, [4])), explore_every=4, warmup=0,
+                       clock=clock, group="g")
+    slow.share(pool)
+    slow_model_world(slow, clock, 100)
+    assert pool.get("g").rate("miss", "model") < pool.get("g").rate("miss", "none")
+    fast = AutoDrafter(suffix, Fixed("m", DraftTree.chain(3, [4, 5])), explore_every=4,
+                       warmup=0, clock=clock, group="g")
+    fast.share(pool)
+    assert fast.rate["miss/none"] > fast.rate["miss/model"]  # seeded: none leads
+    modes = drive(fast, clock, 400, {"model": 1.2, "none": 1.0}, {"model": 3, "none": 1})
+    assert modes[300:].count("model") > 90
+    assert pool.get("g").rate("miss", "model") > pool.get("g").rate("miss", "none")
+
+
+def test_sharing_is_idempotent_per_pool():
+    """Sharing the same pool again (every turn of a session) does not re-seed over the
+    drafter's own measurements."""
+    from lsrt.runtime.spec.auto import ArmStatsPool
+
+    clock, pool = Clock(), ArmStatsPool()
+    auto = AutoDrafter(Fixed("suffix", None), Fixed("m", DraftTree.chain(3, [4])),
+                       warmup=0, clock=clock, group="g")
+    auto.share(pool)
+    slow_model_world(auto, clock, 40)
+    before = auto.rate
+    auto.share(pool)
+    assert auto.rate == before
