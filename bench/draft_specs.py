@@ -2,8 +2,7 @@
 widths) or `#nomerge` (`auto` without its merged suffix + model arm), then optionally `@N`
 (a draft-tree budget of N nodes instead of the engine's default), then optionally `!cost` or
 `!full` (cost-aware trees on or off, `RunnerConfig.tree_budget`, instead of the device's
-default), then optionally `+cold` (an `auto` drafter that neither starts from nor adds to what
-the engine's earlier auto drafters measured: a freshly started server's first request)."""
+default)."""
 
 from __future__ import annotations
 
@@ -37,23 +36,3 @@ def split_nodes(spec: str) -> tuple[str, int | None]:
     if not nodes.isdigit() or int(nodes) < 1:
         raise ValueError(f"bad node budget in draft spec {spec!r}")
     return head, int(nodes)
-
-
-def split_cold(spec: str) -> tuple[str, bool]:
-    """`"auto!cost+cold"` -> ("auto!cost", True); no `+cold`: (spec, False)."""
-    head, plus, tail = spec.rpartition("+")
-    if not plus:
-        return spec, False
-    if tail != "cold":
-        raise ValueError(f"bad suffix in draft spec {spec!r}: expected +cold")
-    return head, True
-
-
-def make_bench_drafter(spec: str, llm, options, cold: bool):
-    """`make_drafter`, unpooled when `cold` (its `group` cleared: `runtime/spec/auto.py`)."""
-    from lsrt.runtime.spec.drafters import make_drafter
-
-    drafter = make_drafter(spec, llm, options)
-    if cold and drafter is not None and hasattr(drafter, "group"):
-        drafter.group = None
-    return drafter

@@ -4,9 +4,6 @@ transformers' `generate`, on agent-trace prompts, in one run.
     python bench/gpu_e2e.py [--model PATH|NAME] [--traces FILE] [--prompts 4] [--new 96]
         [--skip 0] [--drafts none suffix longspec:DIR#2,2,2 ...] [--no-hf]
 
-A spec ending in `+cold` runs every prompt on an engine whose auto drafters have measured
-nothing yet (a freshly started server); without it, an `auto` row's later prompts start from
-what its earlier ones measured (`runtime/spec/auto.py`, `ArmStatsPool`).
 `--skip N` starts at the trace N+1 (`lsrt train-draft` holds out the first 3 traces of each
 file, so `--skip 3` replays held-in traces). A draft spec may end in `#W1,W2,...`: the longspec
 tree widths for that row.
@@ -27,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draft_specs import split_cold, split_spec  # noqa: E402
+from draft_specs import split_spec  # noqa: E402
 from traces import traces_dir  # noqa: E402
 
 
@@ -65,7 +62,6 @@ def main() -> None:
     from lsrt.runtime.llm import LLM
     from lsrt.runtime.runner import RunnerConfig
     from lsrt.runtime.sampling import SamplingParams
-    from lsrt.runtime.spec.auto import ArmStatsPool
 
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     llm = LLM.load(args.model, RunnerConfig(device=args.device, dtype=dtype, kv_budget_mb=4096),
@@ -75,23 +71,18 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.new)
     llm.generate(prompts[0][:64], SamplingParams(max_tokens=8))  # warm-up
     rows = {}
-    pooled = llm.engine.arm_stats
     for spec in args.drafts:
-        base_spec, cold = split_cold(spec)
-        draft, opts = split_spec(base_spec)
+        draft, opts = split_spec(spec)
         tps, acc = [], []
         for ids in prompts:
             llm.generate(ids[:64], SamplingParams(max_tokens=4), draft=draft, draft_options=opts)
             sync()
-            if cold:  # nothing measured before this prompt, not even by its warm-up
-                llm.engine.arm_stats = ArmStatsPool()
             done = llm.generate(ids, params, draft=draft, draft_options=opts)
             sync()
             g = done.generation
             tps.append(len(g.token_ids) / g.decode_s)
             acc.append(g.stats.mean_accepted_per_step)
         rows[spec] = (statistics.median(tps), statistics.median(acc))
-        llm.engine.arm_stats = pooled
     hf_tps = {}
     if args.no_hf:
         return print_table(args, llm, dtype, prompts, rows, hf_tps)

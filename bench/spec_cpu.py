@@ -38,8 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from draft_specs import (make_bench_drafter, split_budget, split_cold, split_nodes,  # noqa: E402
-                         split_spec)
+from draft_specs import split_budget, split_nodes, split_spec  # noqa: E402
 from traces import ReplayTurn, advance, load_traces, replay_turns, traces_dir  # noqa: E402
 
 HF_KINDS = ("plain", "lookup", "assisted")
@@ -80,21 +79,21 @@ class Tally:
 class LsrtRun:
     """One lsrt configuration replaying one trace: a resident sequence and its drafter."""
 
-    def __init__(self, llm, spec: str, engines: dict) -> None:
+    def __init__(self, llm, spec: str) -> None:
+        from lsrt.runtime.spec.drafters import make_drafter
+
         self.llm, self.spec = llm, spec
         self.seq = llm.runner.new_sequence()
-        spec, cold = split_cold(spec)
         spec, budget = split_budget(spec)
         self.engine = llm.engine
-        if budget is not None:  # its own engine, cost-aware or not (and its own cost model),
-            # kept across traces like the default engine (`engines`: budget -> engine)
+        if budget is not None:  # its own engine, cost-aware or not (and its own cost model)
             from lsrt.runtime.spec.engine import Engine
 
-            self.engine = engines.setdefault(budget, Engine(
-                llm.runner, llm.tokenizer, llm.engine.eos_ids, cost_aware=budget == "cost"))
+            self.engine = Engine(llm.runner, llm.tokenizer, llm.engine.eos_ids,
+                                 cost_aware=budget == "cost")
         spec, self.tree_nodes = split_nodes(spec)
         draft, options = split_spec(spec)
-        self.drafter = make_bench_drafter(draft, llm, options, cold)
+        self.drafter = make_drafter(draft, llm, options)
         self.history: list[int] = []
 
     def turn(self, turn: ReplayTurn, max_new: int, tally: Tally, prof: cProfile.Profile | None
@@ -265,16 +264,16 @@ def warm_up(llm, hf_models: dict, args) -> None:
     CUDA graph captures: drafters of one LLM share their graphs) are not measured: a repetitive
     prompt (long suffix matches) and a non-repetitive one (misses, where `auto` drafts)."""
     from lsrt.runtime.sampling import SamplingParams
+    from lsrt.runtime.spec.drafters import make_drafter
 
     prompts = [llm.tokenizer.encode("def f(x):\n    return x + 1\n\ndef f(x):\n"),
                llm.tokenizer.encode("The user asked about their flight. Reply politely and "
                                     "list the next steps:")]
     for spec in args.configs:
-        spec, _ = split_cold(spec)
         spec, _ = split_budget(spec)
         spec, nodes = split_nodes(spec)
         draft, options = split_spec(spec)
-        drafter = make_bench_drafter(draft, llm, options, cold=True)  # measures nothing pooled
+        drafter = make_drafter(draft, llm, options)
         for ids in prompts:
             seq = llm.runner.new_sequence()
             llm.runner.prefill(seq, ids[:-1])
@@ -298,12 +297,11 @@ def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
     same_text = {f"lsrt {c}": Tally() for c in args.configs}
     ok = True
     same_hf = compared_hf = 0
-    engines: dict = {}  # tree budget -> its engine, for the `!cost` / `!full` configs
     for trace in traces:
         turns = replay_turns(llm.tokenizer, trace, turns=args.turns_per_trace,
                              max_chars=args.max_chars,
                              max_prompt_tokens=args.max_context - args.max_new - 1)
-        runs = {c: LsrtRun(llm, c, engines) for c in args.configs}
+        runs = {c: LsrtRun(llm, c) for c in args.configs}
         try:
             for turn in turns:
                 out: dict[str, list[int]] = {}

@@ -32,12 +32,6 @@ noticed; each exploration that confirms the loser doubles that interval (up to
 `max_explore_every`), so an arm that never pays costs almost nothing. Without a model drafter
 the choice is fixed: suffix or none.
 
-What the arms measured is shared: the auto drafters of one engine built from the same spec and
-options (`group`) pool their measurements in an `ArmStats` of the engine's `ArmStatsPool`, and a
-new drafter (a new session, a restored one, a one-off request) starts from those ratings instead
-of spending its first steps re-learning them; its own measurements replace them as they come
-(each rating keeps the last `window` steps). Each drafter still explores and backs off alone.
-
 The model drafts with half the node budget, alone or merged (on a miss its full budget
 emitted ~5-10% more tokens per step for ~60% more proposal time on an H100), except alone under
 a cost-aware engine (`budget.py`), where its tree keeps only the nodes that pay for their
@@ -49,10 +43,8 @@ prefixes counted once.
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from collections import deque
-from collections.abc import Hashable
 
 from lsrt.runtime.spec.drafter import Drafter, DraftState
 from lsrt.runtime.spec.tree import DraftTree
@@ -61,93 +53,12 @@ SITUATIONS = {"long": ("suffix",), "short": ("suffix", "merged"), "miss": ("mode
 ONLY_SUFFIX = {"long": ("suffix",), "short": ("suffix",), "miss": ("model", "none")}
 
 
-class ArmStats:
-    """The arms' recent measurements and the ratings drawn from them. Thread-safe: one instance
-    may be shared by the auto drafters of an engine (`ArmStatsPool`)."""
-
-    def __init__(self, window: int = 8) -> None:
-        self.window = window
-        self._lock = threading.Lock()
-        # (situation, arm) -> recent seconds per step
-        self._costs: dict[tuple[str, str], deque[float]] = {}
-        # situation -> (merged, suffix alone) tokens on merged steps
-        self._pairs: dict[str, deque[tuple[int, int]]] = {}
-        self._model_emitted: deque[int] = deque(maxlen=4 * window)  # tokens per model step
-
-    def record(self, situation: str, arm: str, seconds: float, emitted: int,
-               suffix_alone: int | None = None) -> None:
-        """One counted step: its seconds, the tokens it emitted and, on a merged step, what
-        the suffix tree alone would have emitted."""
-        with self._lock:
-            self._costs.setdefault((situation, arm), deque(maxlen=self.window)).append(
-                max(seconds, 1e-9))
-            if arm == "merged":
-                self._pairs.setdefault(situation, deque(maxlen=4 * self.window)).append(
-                    (emitted, suffix_alone or 0))
-            elif arm == "model":
-                self._model_emitted.append(emitted)
-
-    def rate(self, situation: str, arm: str) -> float | None:
-        """Expected tokens per second of `arm` in `situation`, or None until it has been
-        measured. Tokens per step of suffix vs merged come from the same (merged) steps, model
-        vs none likewise, so a stretch of easy or hard text does not favour whichever arm ran
-        during it."""
-        with self._lock:
-            costs = self._costs.get((situation, arm))
-            if not costs:
-                return None
-            cost = statistics.median(costs)
-            if arm == "none":
-                return 1.0 / cost
-            if arm == "model":
-                return (statistics.fmean(self._model_emitted) / cost if self._model_emitted
-                        else None)
-            pairs = self._pairs.get(situation)
-            if not pairs:
-                return None
-            col = 0 if arm == "merged" else 1
-            return statistics.fmean(p[col] for p in pairs) / cost
-
-    def counts(self) -> dict[tuple[str, str], int]:
-        """(situation, arm) -> the steps its cost is measured over (at most `window`)."""
-        with self._lock:
-            return {key: len(vals) for key, vals in self._costs.items()}
-
-    def seed(self, other: "ArmStats") -> None:
-        """Start from `other`'s measurements wherever this one has none of its own."""
-        with other._lock:
-            costs = {k: list(v) for k, v in other._costs.items()}
-            pairs = {k: list(v) for k, v in other._pairs.items()}
-            emitted = list(other._model_emitted)
-        with self._lock:
-            for key, vals in costs.items():
-                self._costs.setdefault(key, deque(vals, maxlen=self.window))
-            for key, vals in pairs.items():
-                self._pairs.setdefault(key, deque(vals, maxlen=4 * self.window))
-            if not self._model_emitted:
-                self._model_emitted.extend(emitted)
-
-
-class ArmStatsPool:
-    """One `ArmStats` per drafter group (spec and options), shared by the auto drafters of one
-    engine (`Engine.arm_stats`). Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._groups: dict[Hashable, ArmStats] = {}
-
-    def get(self, group: Hashable) -> ArmStats:
-        with self._lock:
-            return self._groups.setdefault(group, ArmStats())
-
-
 class AutoDrafter:
     name = "auto"
 
     def __init__(self, suffix: Drafter, model: Drafter | None, *, explore_every: int = 16,
                  max_explore_every: int = 1024, window: int = 8, warmup: int = 3,
-                 merge: bool = True, long_depth: int = 6, clock=time.perf_counter,
-                 group: Hashable | None = None) -> None:
+                 merge: bool = True, long_depth: int = 6, clock=time.perf_counter) -> None:
         self.suffix, self.model = suffix, model
         self.arms = SITUATIONS if merge else ONLY_SUFFIX
         self.window, self.warmup, self.clock = window, warmup, clock
@@ -156,9 +67,11 @@ class AutoDrafter:
         self.explore_every = {s: explore_every for s in SITUATIONS}
         self._steps = {s: 0 for s in SITUATIONS}
         self._explored: str | None = None  # the loser being re-tried this step
-        self.stats = ArmStats(window)  # this drafter's own measurements (seeded by `share`)
-        self.group = group  # drafters of one group share measurements (None: never)
-        self._shared: ArmStats | None = None
+        # (situation, arm) -> recent seconds per step
+        self._costs: dict[tuple[str, str], deque[float]] = {}
+        # situation -> (merged, suffix alone) tokens on merged steps
+        self._pairs: dict[str, deque[tuple[int, int]]] = {}
+        self._model_emitted: deque[int] = deque(maxlen=4 * window)
         self._runs: dict[str, int] = {}  # steps each arm has run (the first `warmup` uncounted)
         self._last: tuple | None = None  # (situation, arm, propose time, suffix tree)
         self.mode_counts: dict[str, int] = {"suffix": 0, "merged": 0, "model": 0, "none": 0}
@@ -176,16 +89,6 @@ class AutoDrafter:
         for d in (self.suffix, self.model):
             if d is not None and hasattr(d, "price"):
                 d.price = value
-
-    def share(self, pool: ArmStatsPool) -> None:
-        """Pool this drafter's measurements with its group's in `pool` (an engine's), starting
-        from the group's where it has none of its own. No group: nothing is shared."""
-        if self.group is None:
-            return
-        shared = pool.get(self.group)
-        if shared is not self._shared:
-            self._shared = shared
-            self.stats.seed(shared)
 
     def bind(self, seq) -> None:
         for d in (self.suffix, self.model):
@@ -211,13 +114,14 @@ class AutoDrafter:
 
     def _record(self, situation: str, arm: str, seconds: float, tokens: list[int],
                 suffix_tree: DraftTree | None) -> None:
-        alone = None
+        self._costs.setdefault((situation, arm), deque(maxlen=self.window)).append(
+            max(seconds, 1e-9))
         if arm == "merged":  # what the suffix tree alone would have emitted on this very step
-            alone = 1 + (suffix_tree.accepted_length(tokens[:-1])
-                         if suffix_tree is not None else 0)
-        for stats in (self.stats, self._shared):
-            if stats is not None:
-                stats.record(situation, arm, seconds, len(tokens), alone)
+            self._pairs.setdefault(situation, deque(maxlen=4 * self.window)).append(
+                (len(tokens), 1 + (suffix_tree.accepted_length(tokens[:-1])
+                                   if suffix_tree is not None else 0)))
+        elif arm == "model":
+            self._model_emitted.append(len(tokens))
         if self._explored == arm and self._best(situation) != arm:
             self.explore_every[situation] = min(2 * self.explore_every[situation],
                                                 self.max_explore_every)
@@ -230,7 +134,23 @@ class AutoDrafter:
         return {k: r for k, r in rates.items() if r is not None}
 
     def _rate(self, situation: str, arm: str) -> float | None:
-        return self.stats.rate(situation, arm)
+        """Expected tokens per second of `arm` in `situation`, or None until it has been
+        measured. Tokens per step of suffix vs merged come from the same (merged) steps, model
+        vs none likewise, so a stretch of easy or hard text does not favour whichever arm ran
+        during it."""
+        costs = self._costs.get((situation, arm))
+        if not costs:
+            return None
+        cost = statistics.median(costs)
+        if arm == "none":
+            return 1.0 / cost
+        if arm == "model":
+            return statistics.fmean(self._model_emitted) / cost if self._model_emitted else None
+        pairs = self._pairs.get(situation)
+        if not pairs:
+            return None
+        col = 0 if arm == "merged" else 1
+        return statistics.fmean(p[col] for p in pairs) / cost
 
     def rollback(self, num_tokens: int) -> None:
         self._last = None

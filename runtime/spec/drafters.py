@@ -80,9 +80,7 @@ def make_drafter(spec: str, llm: "LLM", options: DraftOptions | None = None) -> 
             model = _model_drafter(arg, llm, opts)
         # Uncounted warm-up steps per arm: on CUDA a drafter also captures its graphs then.
         warmup = 3 if llm.runner.model.device.type == "cuda" else 1
-        # Drafters of one spec and options share their measurements within an engine.
-        return AutoDrafter(SuffixDrafter(), model, merge=opts.merge, warmup=warmup,
-                           group=(spec, opts))
+        return AutoDrafter(SuffixDrafter(), model, merge=opts.merge, warmup=warmup)
     raise InvalidRequest(f"unknown drafter {spec!r}; expected one of {', '.join(DRAFT_KINDS)}")
 
 

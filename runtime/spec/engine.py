@@ -19,7 +19,6 @@ from lsrt.runtime.errors import Cancelled
 from lsrt.runtime.kv_cache import KVSequence
 from lsrt.runtime.runner import ModelRunner
 from lsrt.runtime.sampling import SamplingParams
-from lsrt.runtime.spec.auto import ArmStatsPool
 from lsrt.runtime.spec.budget import VerifyCosts
 from lsrt.runtime.spec.drafter import Drafter
 from lsrt.runtime.spec.tree import DraftTree
@@ -58,8 +57,7 @@ class Generation:
 class Engine:
     """`cost_aware`: hand drafters that take one (`price` attribute) the price of a tree node
     from the verifies timed so far, so that they verify only nodes that pay for themselves
-    (`budget.py`); off, every proposal gets the full node budget. The auto drafters that run on
-    an engine pool what their arms measured per spec (`arm_stats`, `auto.py`)."""
+    (`budget.py`); off, every proposal gets the full node budget."""
 
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, eos_ids: tuple[int, ...],
                  max_tree_nodes: int = 16, *, cost_aware: bool = False) -> None:
@@ -69,7 +67,6 @@ class Engine:
         self.max_tree_nodes = max_tree_nodes
         self.cost_aware = cost_aware
         self.verify_costs = VerifyCosts()
-        self.arm_stats = ArmStatsPool()  # what auto drafters measured, pooled per group
 
     def step(self, seq: KVSequence, history: list[int], drafter: Drafter | None,
              params: SamplingParams, gen: torch.Generator | None, max_depth: int,
@@ -103,8 +100,6 @@ class Engine:
         assert seq.num_tokens == len(history) - 1, "KV must cover all but the pending token"
         if drafter is not None and hasattr(drafter, "bind"):
             drafter.bind(seq)  # drafters that read the target's KV (self, longspec)
-        if drafter is not None and hasattr(drafter, "share"):
-            drafter.share(self.arm_stats)  # auto: start from what earlier drafters measured
         gen = None if params.greedy else params.generator(self.runner.config.device)
         stopper = Stopper(params, self.tokenizer, self.eos_ids, context=history)
         stats = SpecStats()

@@ -63,24 +63,6 @@ def test_tiny_greedy_identical(tiny, draft):
     assert spec.stats.steps <= plain.stats.steps
 
 
-def test_auto_drafters_of_one_spec_share_what_they_measured(tiny):
-    """The engine pools what auto's arms measured per spec and options: a new drafter of the
-    same spec starts from its predecessor's ratings (one of other options does not), and its
-    output is still plain decoding's."""
-    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 300, seed=5)
-    params = SamplingParams(max_tokens=40)
-    plain = run(tiny, ids, "none", params)
-    opts = DraftOptions(window=64, depth=3)
-    assert run(tiny, ids, "auto", params, opts).token_ids == plain.token_ids
-    seeded, other = make_drafter("auto", tiny, opts), make_drafter("auto", tiny, DraftOptions())
-    for drafter in (seeded, other):
-        drafter.share(tiny.engine.arm_stats)
-    pooled = tiny.engine.arm_stats.get(("auto", opts)).counts()
-    assert pooled and seeded.stats.counts() == pooled
-    assert other.stats.counts() == {}
-    assert run(tiny, ids, "auto", params, opts).token_ids == plain.token_ids
-
-
 def test_self_oracle_accepts_everything(tiny):
     """A self-draft whose window covers the whole context is the target: all accepted."""
     ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 200, seed=9)
