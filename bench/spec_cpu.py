@@ -79,18 +79,21 @@ class Tally:
 class LsrtRun:
     """One lsrt configuration replaying one trace: a resident sequence and its drafter."""
 
-    def __init__(self, llm, spec: str) -> None:
+    def __init__(self, llm, spec: str, engines: dict) -> None:
         from lsrt.runtime.spec.drafters import make_drafter
 
         self.llm, self.spec = llm, spec
         self.seq = llm.runner.new_sequence()
         spec, budget = split_budget(spec)
         self.engine = llm.engine
-        if budget is not None:  # its own engine, cost-aware or not (and its own cost model)
+        if budget is not None:  # its own engine, cost-aware or not (and its own cost model),
+            # kept across traces like the default engine (`engines`: budget -> engine)
             from lsrt.runtime.spec.engine import Engine
 
-            self.engine = Engine(llm.runner, llm.tokenizer, llm.engine.eos_ids,
-                                 cost_aware=budget == "cost")
+            if budget not in engines:
+                engines[budget] = Engine(llm.runner, llm.tokenizer, llm.engine.eos_ids,
+                                         cost_aware=budget == "cost")
+            self.engine = engines[budget]
         spec, self.tree_nodes = split_nodes(spec)
         draft, options = split_spec(spec)
         self.drafter = make_drafter(draft, llm, options)
@@ -297,11 +300,12 @@ def run_file(path: str, llm, hf_models: dict, args, prof) -> tuple[str, bool]:
     same_text = {f"lsrt {c}": Tally() for c in args.configs}
     ok = True
     same_hf = compared_hf = 0
+    engines: dict = {}  # tree budget -> its engine, for the `!cost` / `!full` configs
     for trace in traces:
         turns = replay_turns(llm.tokenizer, trace, turns=args.turns_per_trace,
                              max_chars=args.max_chars,
                              max_prompt_tokens=args.max_context - args.max_new - 1)
-        runs = {c: LsrtRun(llm, c) for c in args.configs}
+        runs = {c: LsrtRun(llm, c, engines) for c in args.configs}
         try:
             for turn in turns:
                 out: dict[str, list[int]] = {}
