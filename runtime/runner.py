@@ -42,8 +42,8 @@ class RunnerConfig:
     graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     # Draft trees: "cost" keeps the nodes that pay for their verification at the measured cost
     # of a node (runtime/spec/budget.py), "full" the whole node budget; "auto": cost on the
-    # CPU, full on a GPU (where a node costs almost nothing: on the H100 cost-aware `auto` was
-    # 2–13% slower than full trees, docs/BENCHMARKS.md round 18).
+    # CPU, full on a GPU (where a node costs almost nothing: on the H100 cost-aware trees made
+    # `auto` 10–13% and `longspec` 0–6% slower, docs/BENCHMARKS.md round 18).
     tree_budget: str = "auto"
 
     def __post_init__(self) -> None:
