@@ -336,7 +336,10 @@ class LongSpecDrafter:
             out, cum = self._replay(key)
         else:
             stop = math.log(level_floor) if level_floor > 0 else None
-            out, cum = self._levels(sizes, keep, stop)
+            # Never graphed (the CPU): cross-attend to the committed positions only, not the
+            # whole masked buffer (its capacity is the context limit there).
+            out, cum = self._levels(sizes, keep, stop,
+                                    committed=None if self.use_graphs else committed)
         tokens, parents = out.tolist()  # the one read-back
         tree = DraftTree(tokens=tokens, parents=parents, source=self.name)
         if self.price is None:
@@ -354,8 +357,8 @@ class LongSpecDrafter:
         self._proposed = (tree, probs)
         return tree
 
-    def _levels(self, sizes: list[int], keep: int, stop: float | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _levels(self, sizes: list[int], keep: int, stop: float | None = None,
+                committed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The staged encode, then the beam tree, from device state alone (own ring, slot
         positions, cross buffer, the staged scalars and tokens): fixed shapes, no host
         synchronisation, so it can be captured in a CUDA graph. Returns (tokens; parents)
@@ -363,16 +366,22 @@ class LongSpecDrafter:
         drafted nodes (`_pruned`).
 
         `stop` (eager only: it reads a score back per level): no deeper level is drafted once
-        the best cumulative log-probability of a level is below it."""
+        the best cumulative log-probability of a level is below it. `committed` (eager only):
+        the committed length as a host int, so that the cross-attention reads that many
+        positions of the buffer instead of all of it under a mask."""
         dev = self.target.device
-        root, lo, committed = self._scalars[0], self._scalars[1], self._scalars[2]
+        root, lo, n_cross = self._scalars[0], self._scalars[1], self._scalars[2]
         root_x, root_projected = self._encode_staged(root.view(1))
         sp = self.slot_pos
         own = (sp >= 0) & (sp < root) & ((sp < self.sink) | (sp >= lo))  # [S] visible slots
-        cap = self.xk.shape[1]
-        cross = self._triton_cross(committed) if self.ws.cross_kernel == "triton" else None
+        xk, xv = self.xk, self.xv
+        if committed is not None:  # the lag as a slice: no mask, no padding read
+            xk, xv = xk[:, :committed], xv[:, :committed]
+        cap = xk.shape[1]
+        cross = self._triton_cross(n_cross) if self.ws.cross_kernel == "triton" else None
         # SDPA's mask [cap]: the lag, committed positions only (the Triton kernel reads the length)
-        cross_mask = None if cross else torch.arange(cap, device=dev) < committed
+        cross_mask = None if cross or committed is not None else \
+            torch.arange(cap, device=dev) < n_cross
         past_k, past_v, s = self.k, self.v, self.k.shape[1]
         vocab, total = self.head.shape[0], sum(sizes)
         # Tree state: token, parent, cumulative log-prob and ancestor-or-self rows of every
@@ -391,7 +400,7 @@ class LongSpecDrafter:
             x = root_x if depth == 0 else self.target.embed[tokens[t:t + m]]
             pos = (root + depth).expand(m)
             rows = None if cross_mask is None else cross_mask[None, :].expand(m, cap)
-            hidden, k, v = self.draft(x, pos, past_k, past_v, mask, self.xk, self.xv, rows,
+            hidden, k, v = self.draft(x, pos, past_k, past_v, mask, xk, xv, rows,
                                       check_empty=False,
                                       cross_attend=cross,
                                       projected=root_projected if depth == 0 else None,

@@ -411,6 +411,27 @@ def test_cross_buffer_grows_and_follows_rollback(smollm2_dir, tmp_path):
         run(llm, ids[:1030], None, params).token_ids
 
 
+def test_eager_proposals_read_only_the_committed_cross_positions(tiny, monkeypatch):
+    """Never graphed (the CPU), a proposal cross-attends to the committed slice of the cross
+    buffer rather than to the whole buffer under a mask (what a CUDA graph replays); both give
+    the same tree."""
+    ids = repetitive_prompt(tiny.runner.cfg.vocab_size, 200, seed=3)
+    with bound_drafter(tiny, ids, (2, 3, 3), seed=4) as (d, seq):
+        assert not d.use_graphs
+        sliced = d.propose(ids, 16)
+        assert d.xk.shape[1] > seq.num_tokens  # the buffer has room the mask would hide
+        levels, seen = d._levels, []
+
+        def masked(*args, committed=None, **kwargs):
+            seen.append(committed)
+            return levels(*args, **kwargs)  # committed=None: the masked whole buffer
+
+        monkeypatch.setattr(d, "_levels", masked)
+        full = d.propose(ids, 16)
+    assert seen == [len(ids) - 1]
+    assert (sliced.tokens, sliced.parents) == (full.tokens, full.parents)
+
+
 def test_staged_encode_equals_eager_catch_up(smollm2_dir, tmp_path):
     """Up to ENCODE_PAD newly accepted tokens are encoded inside the proposal (its CUDA graph
     on a GPU); more run the eager catch-up first. Either way the tree and the ring's visible
