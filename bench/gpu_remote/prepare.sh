@@ -2,7 +2,7 @@
 # Packs what the GPU benchmarks need onto a machine that has torch, transformers, triton, grpcio
 # and msgpack but no model hub, no `gguf`/`redis` packages and a 64 MiB limit per upload: the
 # bundled SmolLM2 GGUF in two halves (ga, gb), the `gguf` package, the agent traces. Run from
-# the repository root after `make install`; writes .devcarry/ (git-ignored).
+# the repository root after `make install`; replaces .devcarry/ (git-ignored) with a fresh one.
 #
 # On the GPU machine, in the repository root (files in /tmp survive between calls while it is
 # warm, so upload .devcarry/ga + traces in one call and the rest in the next):
